@@ -1,0 +1,361 @@
+"""quantized_matmul, gather_qmm, qqmm, gather_qqmm: MLX 0.32.4's signatures and semantics on torch tensors.
+
+Every matmul is expressed as one gathered product, out[i] = x[lhs[i]] @ dequantize(w[rhs[i]]) (.T), which is what
+the backends implement: batch broadcasting is a gather with broadcast index arrays, and weight batch dims that are
+stride-0 views (`expand`, the GQA pattern) are collapsed first, so a broadcast weight is read once and never
+ignored. Gradients flow to x (fine-tuning adapters on frozen quantized weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import backend_for
+from ..formats import ModeSpec
+from . import checks
+from .quantization import dequantize, quantize
+
+FP_ACTIVATION_MODES = ("nvfp4", "mxfp8", "mxfp4")
+
+
+@dataclass(frozen=True)
+class _Weight:
+    """A validated quantized weight and its parameters."""
+
+    w: torch.Tensor
+    scales: torch.Tensor
+    biases: torch.Tensor | None
+    global_scale: torch.Tensor | None
+    spec: ModeSpec
+    group_size: int
+    bits: int
+    transpose: bool
+    rows: int  # w's second-to-last axis
+    cols: int  # w's last axis, unpacked
+
+    @property
+    def k(self) -> int:
+        return self.cols if self.transpose else self.rows
+
+    @property
+    def n(self) -> int:
+        return self.rows if self.transpose else self.cols
+
+    def out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.spec.has_biases:  # MLX: affine promotes x, scales and biases
+            return torch.promote_types(torch.promote_types(x.dtype, self.scales.dtype), self.biases.dtype)
+        return x.dtype
+
+
+def _weight(op, w, scales, biases, transpose, group_size, bits, mode, global_scale, global_scale_numel=1) -> _Weight:
+    spec, gs, b = checks.resolve(op, mode, group_size, bits)
+    checks.check_transpose(op, transpose)
+    cols = checks.check_quantized(op, spec, gs, b, w, scales, biases)
+    checks.check_global_scale(op, mode, global_scale, global_scale_numel)
+    return _Weight(w, scales, biases, global_scale, spec, gs, b, transpose, w.shape[-2], cols)
+
+
+def _check_x(op: str, x, wt: _Weight, min_ndim: int = 1) -> None:
+    checks.check_float(op, "x", x)
+    if x.ndim < min_ndim:
+        raise ValueError(f"[{op}] x must have at least {min_ndim} dimension(s) but got shape {tuple(x.shape)}.")
+    if x.shape[-1] != wt.k:
+        raise ValueError(
+            f"[{op}] Last dimension of x with shape (..., {x.shape[-1]}) does not match the expanded quantized matrix "
+            f"({wt.k}, {wt.n}) computed from w of shape {tuple(wt.w.shape)} with group_size={wt.group_size}, "
+            f"bits={wt.bits} and transpose={wt.transpose}."
+        )
+    checks.check_same_device(op, x=x, w=wt.w, scales=wt.scales, biases=wt.biases, global_scale=wt.global_scale)
+
+
+def _collapsed_weight(wt: _Weight):
+    """(w, scales, biases, global_scales, index_map) with w's stride-0 batch dims reduced to size 1 and flattened.
+
+    index_map maps a flat index over w's original batch dims to a flat index over the collapsed ones.
+    """
+    batch = wt.w.shape[:-2]
+    tensors = [t for t in (wt.w, wt.scales, wt.biases) if t is not None]
+    per_expert_scale = wt.global_scale is not None and wt.global_scale.numel() > 1
+    keep = [
+        per_expert_scale or any(t.stride(d) != 0 for t in tensors) or batch[d] == 1 for d in range(len(batch))
+    ]
+    collapsed = tuple(s if k else 1 for s, k in zip(batch, keep))
+
+    def narrow(t):
+        if t is None:
+            return None
+        for d, k in enumerate(keep):
+            if not k:
+                t = t.narrow(d, 0, 1)
+        return t.reshape(-1, *t.shape[len(batch):])
+
+    w, s, b = narrow(wt.w), narrow(wt.scales), narrow(wt.biases)
+    n_experts = w.shape[0]
+    if wt.global_scale is None:
+        g = None
+    else:
+        g = wt.global_scale.reshape(-1).expand(n_experts) if wt.global_scale.numel() == 1 else wt.global_scale.reshape(-1)
+    index_map = torch.arange(n_experts, device=wt.w.device).reshape(collapsed).expand(batch).reshape(-1)
+    return w, s, b, g, index_map
+
+
+class _GatherQMM(torch.autograd.Function):
+    """out[i] = x[lhs[i]] @ W[rhs[i]]; backward gives the gradient with respect to x only."""
+
+    @staticmethod
+    def forward(ctx, x, w, scales, biases, global_scale, lhs, rhs, wt: _Weight, out_dtype, sorted_indices):
+        backend = backend_for("quantized_matmul", x.device)
+        out = backend.gather_qmm(
+            x, w, scales, biases, global_scale, lhs, rhs, wt.transpose, wt.spec.name, wt.group_size, wt.bits,
+            out_dtype, sorted_indices,
+        )
+        ctx.save_for_backward(w, scales, biases, global_scale, lhs, rhs)
+        ctx.meta = (wt, x.shape, x.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scales, biases, global_scale, lhs, rhs = ctx.saved_tensors
+        wt, x_shape, x_dtype = ctx.meta
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            backend = backend_for("quantized_matmul", grad.device)
+            items = torch.arange(lhs.shape[0], device=grad.device)
+            per_item = backend.gather_qmm(
+                grad.contiguous(), w, scales, biases, global_scale, items, rhs, not wt.transpose, wt.spec.name,
+                wt.group_size, wt.bits, torch.float32,
+            )
+            grad_x = torch.zeros(x_shape, dtype=torch.float32, device=grad.device).index_add_(0, lhs, per_item)
+            grad_x = grad_x.to(x_dtype)
+        return grad_x, None, None, None, None, None, None, None, None, None
+
+
+def _reject_weight_grads(op: str, wt: _Weight) -> None:
+    for name in ("scales", "biases", "global_scale"):
+        t = getattr(wt, name)
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"[{op}] Gradients are supported with respect to x only, but {name} requires grad.")
+
+
+def _gathered(op, x_flat, wt: _Weight, lhs, rhs_original, out_dtype, sorted_indices=False):
+    """Run the gathered product with rhs indexing w's original flat batch; returns (I, M, N)."""
+    _reject_weight_grads(op, wt)
+    w, s, b, g, index_map = _collapsed_weight(wt)
+    rhs = index_map[rhs_original]
+    return _GatherQMM.apply(x_flat, w, s, b, g, lhs, rhs, wt, out_dtype, sorted_indices)
+
+
+def _matmul(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype) -> torch.Tensor:
+    """x (..., K) times the (broadcast) batched weight, torch.matmul broadcasting rules."""
+    x2 = x.unsqueeze(0) if x.ndim == 1 else x
+    x_batch, w_batch = x2.shape[:-2], wt.w.shape[:-2]
+    try:
+        batch = torch.broadcast_shapes(x_batch, w_batch)
+    except RuntimeError:
+        raise ValueError(
+            f"[{op}] The batch dimensions of x {tuple(x_batch)} and w {tuple(w_batch)} cannot be broadcast together."
+        ) from None
+    device = x.device
+    lhs = torch.arange(checks.prod(x_batch), device=device).reshape(x_batch).expand(batch).reshape(-1)
+    rhs = torch.arange(checks.prod(w_batch), device=device).reshape(w_batch).expand(batch).reshape(-1)
+    m = x2.shape[-2]
+    out = _gathered(op, x2.reshape(-1, m, wt.k), wt, lhs, rhs, out_dtype)
+    out = out.reshape(*batch, m, wt.n)
+    return out.squeeze(-2) if x.ndim == 1 else out
+
+
+def quantized_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    /,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None = None,
+    transpose: bool = True,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "affine",
+    *,
+    global_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ dequantize(w).T (transpose=True, w is (..., N, K)) or x @ dequantize(w) (w is (..., K, N)).
+
+    Batch dims of x and w broadcast like torch.matmul, stride-0 views included; a 2-D x with a batched w gives one
+    result per weight (MLX would silently use w[0]). Output dtype: affine promotes x, scales and biases; fp modes
+    keep x's dtype. `global_scale` (nvfp4, a float32 scalar) is a lowbit extension.
+    """
+    op = "quantized_matmul"
+    wt = _weight(op, w, scales, biases, transpose, group_size, bits, mode, global_scale)
+    _check_x(op, x, wt)
+    return _matmul(op, x, wt, wt.out_dtype(x))
+
+
+def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:
+    size = checks.prod(default_batch)
+    if idx is None:
+        return torch.arange(size, device=device).reshape(default_batch)
+    checks.check_tensor(op, name, idx)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"[{op}] {name} must be an integer tensor but got dtype {idx.dtype}.")
+    if idx.device != device:
+        raise ValueError(f"[{op}] {name} must be on {device} like x but is on {idx.device}.")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= size:
+            raise ValueError(
+                f"[{op}] {name} holds index {lo if lo < 0 else hi}, out of range for the {size} matrices of the "
+                f"flattened batch dims {tuple(default_batch)}."
+            )
+    return idx.long()
+
+
+def _gather(op, x, wt: _Weight, lhs_indices, rhs_indices, out_dtype, sorted_indices):
+    x_batch, w_batch = x.shape[:-2], wt.w.shape[:-2]
+    lhs = _indices(op, "lhs_indices", lhs_indices, x_batch, x.device)
+    rhs = _indices(op, "rhs_indices", rhs_indices, w_batch, x.device)
+    try:
+        batch = torch.broadcast_shapes(lhs.shape, rhs.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"[{op}] lhs_indices {tuple(lhs.shape)} and rhs_indices {tuple(rhs.shape)} cannot be broadcast together."
+        ) from None
+    m = x.shape[-2]
+    out = _gathered(
+        op, x.reshape(-1, m, wt.k), wt, lhs.expand(batch).reshape(-1), rhs.expand(batch).reshape(-1), out_dtype,
+        sorted_indices,
+    )
+    return out.reshape(*batch, m, wt.n)
+
+
+def gather_qmm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    /,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None = None,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    transpose: bool = True,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "affine",
+    global_scale: torch.Tensor | None = None,
+    *,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """Quantized matmul with matrix-level gathers (mixture of experts), MLX's rules.
+
+    lhs_indices / rhs_indices are flat indices into the flattened batch dims of x and w (default: all of them in
+    order), broadcast together; out.shape = broadcast(lhs, rhs).shape + (M, N) and
+    out[i] = x_flat[lhs[i]] @ dequantize(w_flat[rhs[i]]) (.T). `sorted_indices` is a speed hint only. `global_scale`
+    (nvfp4) is one float32 per expert, shape (E,), or one for all.
+    """
+    op = "gather_qmm"
+    n_experts = checks.prod(w.shape[:-2]) if isinstance(w, torch.Tensor) else 1
+    wt = _weight(op, w, scales, biases, transpose, group_size, bits, mode, global_scale, (1, n_experts))
+    _check_x(op, x, wt, min_ndim=2)
+    if lhs_indices is None and rhs_indices is None:
+        return _matmul(op, x, wt, wt.out_dtype(x))
+    return _gather(op, x, wt, lhs_indices, rhs_indices, wt.out_dtype(x), bool(sorted_indices))
+
+
+def _fake_quantize(op, x, mode, group_size, bits, global_scale):
+    """quantize-dequantize activations in float32; NaN/Inf propagate as NaN groups (activations never raise)."""
+    if x.shape[-1] % group_size:
+        raise ValueError(
+            f"[{op}] The last dimension of x ({x.shape[-1]}) must be divisible by the group size {group_size}."
+        )
+    x2 = x.reshape(-1, x.shape[-1])
+    x_q, x_scales = quantize(x2, group_size, bits, mode, global_scale=global_scale, nonfinite="nan")
+    return dequantize(x_q, x_scales, None, group_size, bits, mode, global_scale, torch.float32).reshape(x.shape)
+
+
+def _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, global_scale_w, n_scale):
+    if mode not in FP_ACTIVATION_MODES:
+        raise ValueError(
+            f"[{op}] Activation quantization supports modes {', '.join(FP_ACTIVATION_MODES)} but got {mode!r}; "
+            f"use quantized_matmul for affine weights."
+        )
+    _, gs, b = checks.resolve(op, mode, group_size, bits)
+    if (global_scale_x is None) != (global_scale_w is None):
+        raise ValueError(f"[{op}] global_scale_x and global_scale_w must be given together (both or neither).")
+    checks.check_global_scale(op, mode, global_scale_x, 1, "global_scale_x")
+    checks.check_global_scale(op, mode, global_scale_w, n_scale, "global_scale_w")
+    checks.check_tensor(op, "w", w)
+    if w.dtype != torch.uint32:  # a float weight is quantized on the fly
+        checks.check_float(op, "w", w)
+        if scales is not None:
+            raise ValueError(f"[{op}] scales must be None when w is not quantized (w has dtype {w.dtype}).")
+        checks.check_group_divisible(op, w, gs)
+        if global_scale_w is not None and global_scale_w.numel() > 1:
+            raise ValueError(f"[{op}] A float w is quantized with one global_scale_w; got {global_scale_w.numel()}.")
+        w, scales = quantize(w, gs, b, mode, global_scale=global_scale_w)
+    elif scales is None:
+        raise ValueError(f"[{op}] scales must be provided when w is quantized (uint32).")
+    return w, scales, gs, b
+
+
+def _reject_activation_grad(op, x):
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError(f"[{op}] Activation-quantized matmuls have no gradient; use quantized_matmul to train.")
+
+
+def qqmm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "nvfp4",
+    global_scale_x: torch.Tensor | None = None,
+    global_scale_w: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ w.T with x quantized on the fly in w's mode (nvfp4, mxfp8, mxfp4); w quantized (uint32 + scales) or float.
+
+    Equals quantize-dequantize(x) @ dequantize(w).T accumulated in float32, for any M; output dtype x.dtype. Global
+    scales (nvfp4) are given both or neither and are applied (MLX's CPU ignores them).
+    """
+    op = "qqmm"
+    checks.check_float(op, "x", x)
+    w, scales, gs, b = _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, global_scale_w, 1)
+    if w.ndim != 2:
+        raise ValueError(f"[{op}] w must be a 2-D matrix but got shape {tuple(w.shape)}; use gather_qqmm for experts.")
+    wt = _weight(op, w, scales, None, True, gs, b, mode, global_scale_w)
+    _check_x(op, x, wt)
+    checks.check_same_device(op, global_scale_x=global_scale_x, x=x)
+    _reject_activation_grad(op, x)
+    x_hat = _fake_quantize(op, x, mode, gs, b, global_scale_x)
+    return _matmul(op, x_hat, wt, x.dtype)
+
+
+def gather_qqmm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    /,
+    scales: torch.Tensor | None = None,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "nvfp4",
+    global_scale_x: torch.Tensor | None = None,
+    global_scale_w: torch.Tensor | None = None,
+    *,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """gather_qmm with x quantized on the fly in w's mode: the MoE form of qqmm (MLX's CPU has none)."""
+    op = "gather_qqmm"
+    checks.check_float(op, "x", x)
+    n_experts = checks.prod(w.shape[:-2]) if isinstance(w, torch.Tensor) else 1
+    w, scales, gs, b = _activation_weight(
+        op, w, scales, group_size, bits, mode, global_scale_x, global_scale_w, (1, n_experts)
+    )
+    wt = _weight(op, w, scales, None, True, gs, b, mode, global_scale_w, (1, n_experts))
+    _check_x(op, x, wt, min_ndim=2)
+    checks.check_same_device(op, global_scale_x=global_scale_x, x=x)
+    _reject_activation_grad(op, x)
+    x_hat = _fake_quantize(op, x, mode, gs, b, global_scale_x)
+    if lhs_indices is None and rhs_indices is None:
+        return _matmul(op, x_hat, wt, x.dtype)
+    return _gather(op, x_hat, wt, lhs_indices, rhs_indices, x.dtype, bool(sorted_indices))
