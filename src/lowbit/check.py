@@ -89,7 +89,9 @@ def run_device(device: str, full: bool, progress) -> dict:
             err = (back - w.double()).abs()
             if mode == "affine":
                 # MLX's test bound (one step) plus the rounding of the dequantized value to w's dtype
-                bound = q[1].double().abs().repeat_interleave(gs, -1) + 1e-6 + w.double().abs() * torch.finfo(dtype).eps
+                step = q[1].double().abs().repeat_interleave(gs, -1)
+                bias = q[2].double().abs().repeat_interleave(gs, -1)
+                bound = step + 1e-6 + 2 * torch.finfo(dtype).eps * (w.double().abs() + bias)
             else:  # fp: within one element step of the block scale, relative to the block amax
                 amax = w.double().abs().reshape(32, -1, gs).amax(-1).repeat_interleave(gs, -1)
                 bound = amax * (0.26 if bits == 4 else 0.07) + 1e-6

@@ -1,0 +1,65 @@
+"""Shared test helpers: conversion between torch and MLX (the oracle), quantize/dequantize shorthands."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+
+mx = pytest.importorskip("mlx.core")  # MLX 0.32.4 is the oracle
+
+TORCH_TO_MX = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def to_mx(t: torch.Tensor | None):
+    """torch -> mlx, bit-exact (uint32 and bfloat16 included)."""
+    if t is None:
+        return None
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
+    if t.dtype == torch.uint32:
+        return mx.array(t.view(torch.int32).numpy().view(np.uint32))
+    return mx.array(t.numpy())
+
+
+def to_torch(a) -> torch.Tensor:
+    """mlx -> torch, bit-exact."""
+    if a.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
+    if a.dtype == mx.uint32:
+        return torch.from_numpy(np.array(a).view(np.int32)).view(torch.uint32)
+    return torch.from_numpy(np.array(a))
+
+
+def quantize3(w, group_size=None, bits=None, mode="affine", **kw):
+    """lowbit.quantize padded to (w_q, scales, biases) with biases None for fp modes."""
+    out = lowbit.quantize(w, group_size, bits, mode, **kw)
+    return out if mode == "affine" else (out[0], out[1], None)
+
+
+def dequantize_f64(q, group_size=None, bits=None, mode="affine", global_scale=None):
+    """The oracle weight: lowbit.dequantize (bit-exact with MLX) in float32, as float64."""
+    return lowbit.dequantize(q[0], q[1], q[2], group_size, bits, mode, global_scale, torch.float32).double()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads included) for any dtype."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+ALL_CONFIGS = [("affine", gs, b) for gs in (32, 64, 128) for b in (1, 2, 3, 4, 5, 6, 8)] + [
+    ("mxfp4", 32, 4),
+    ("mxfp8", 32, 8),
+    ("nvfp4", 16, 4),
+]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
