@@ -1,12 +1,14 @@
 """Backend selection: the one place that decides which implementation serves a call.
 
-`LOWBIT_BACKEND` chooses: `auto` (default) runs the fastest backend available for the tensors' device, `cpu` forces
-the vectorized torch reference (it runs on any device), `triton` forces the Triton kernels and raises if they cannot
-serve the call (never a silent fallback).
+`LOWBIT_BACKEND` chooses: `auto` (default) runs the Triton kernels on CUDA tensors and the vectorized torch
+reference on CPU tensors; `cpu` forces the torch reference (it runs on any device); `triton` forces the Triton
+kernels, on CUDA tensors or, with `TRITON_INTERPRET=1`, on CPU tensors, and raises if they cannot serve the call:
+never a silent fallback.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
@@ -22,9 +24,35 @@ def requested_backend() -> str:
     return name
 
 
+@functools.cache
+def _triton_module() -> ModuleType | None:
+    try:
+        from . import triton as triton_backend
+    except ImportError:
+        return None
+    return triton_backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def backend_for(op: str, device) -> ModuleType:
     """The backend module that serves `op` on `device`."""
     name = requested_backend()
+    device = getattr(device, "type", device)
+    if name == "cpu":
+        return cpu
     if name == "triton":
-        raise NotImplementedError(f"[{op}] LOWBIT_BACKEND=triton: the Triton backend has no kernel for this op yet.")
+        module = _triton_module()
+        if module is None:
+            raise ValueError(f"[{op}] LOWBIT_BACKEND=triton but triton cannot be imported.")
+        if device != "cuda" and not _interpreting():
+            raise ValueError(
+                f"[{op}] LOWBIT_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                f"got tensors on {device}."
+            )
+        return module
+    if device == "cuda" and _triton_module() is not None:
+        return _triton_module()
     return cpu

@@ -1,0 +1,218 @@
+"""The quantized matmul kernel: out[i] = x[lhs[i]] @ dequantize(w[rhs[i]]) (.T), every format, any M, N, K.
+
+One kernel serves quantized_matmul (batch broadcasting arrives as index arrays), gather_qmm and qqmm. It reads
+MLX's layout in place through strides, so stride-0 (expanded) and non-contiguous x, w, scales and biases need no
+copies, and it dequantizes each weight tile in registers to exactly the values of `lowbit.dequantize` before a
+tensor-core dot.
+
+Batch invariance, the canonical reduction: K is cut into blocks of BLOCK_K = 64; the blocks are grouped into
+SPLITS contiguous partials; each partial starts from zero and accumulates its blocks in order with tl.dot; the
+partials are added left to right (0 + p0 + p1 + ...). BLOCK_K and SPLITS depend on (N, K) only, never on M or the
+batch. Small M runs the partials as separate programs and folds them in a second kernel; large M folds them inside
+one program; both perform the same additions, so a row's bits never depend on M. (Tile shapes and warp counts do
+not change a tl.dot's bits; the K reduction structure does.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode import e2m1_value, e4m3_value, e8m0_value, extract_codes, round_to
+
+BLOCK_K = 64
+MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+TARGET_PROGRAMS = 264  # about two waves on a 132-SM Hopper; a constant, so the split never depends on the device
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _dequantized_tile(w_base, s_base, b_base, offs_k, offs_n, k_mask, n_mask,
+                      sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                      MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr,
+                      SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The (BLOCK_K, BLOCK_N) tile of dequantize(w) (transposed to K-major), in DOT_DTYPE."""
+    if TRANSPOSE:  # w is (N, K): rows are outputs, codes run along K
+        row = offs_n[None, :]
+        col = offs_k[:, None]
+    else:  # w is (K, N): rows run along K, codes along N
+        row = offs_k[:, None]
+        col = offs_n[None, :]
+    mask = k_mask[:, None] & n_mask[None, :]
+    codes = extract_codes(w_base, row, col, sw_r, sw_c, mask, BITS)
+    group = col // GS
+    scale = tl.load(s_base + row * ss_r + group * ss_c, mask=mask, other=0)
+    if MODE == 0:  # affine: code * scale + bias, rounded twice in the scales' dtype (as MLX)
+        bias = tl.load(b_base + row * sb_r + group * sb_c, mask=mask, other=0)
+        scaled = round_to(codes.to(tl.float32) * scale.to(tl.float32), SCALE_DTYPE)
+        value = round_to(scaled + bias.to(tl.float32), SCALE_DTYPE)
+    elif MODE == 1:  # mxfp4
+        value = e2m1_value(codes) * e8m0_value(scale.to(tl.int32))
+    elif MODE == 2:  # mxfp8
+        value = e4m3_value(codes) * e8m0_value(scale.to(tl.int32))
+    else:  # nvfp4 block scale (the tensor scale is applied to the float32 result)
+        value = e2m1_value(codes) * e4m3_value(scale.to(tl.int32))
+    return value.to(DOT_DTYPE)
+
+
+@triton.jit
+def qmm_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, out_ptr, part_ptr,
+    M, N, K, n_items,
+    sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
+    MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    tiles = m_tiles * tl.cdiv(N, BLOCK_N)
+    tile = pid % tiles
+    rest = pid // tiles
+    if SPLIT_IN_GRID:
+        split = rest % SPLITS
+        item = rest // SPLITS
+        first = split
+        last = split + 1
+    else:
+        split = 0
+        item = rest
+        first = 0
+        last = SPLITS
+    pid_m = tile % m_tiles  # consecutive programs share a weight tile (L2 reuse)
+    pid_n = tile // m_tiles
+
+    x_batch = tl.load(lhs_ptr + item).to(tl.int64)
+    w_batch = tl.load(rhs_ptr + item).to(tl.int64)
+    x_base = x_ptr + x_batch * sx_b
+    w_base = w_ptr + w_batch * sw_b
+    s_base = s_ptr + w_batch * ss_b
+    b_base = b_ptr + w_batch * sb_b
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLITS)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(first, last):
+        partial = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_blocks)):
+            offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_mask = offs_k < K
+            x = tl.load(x_base + offs_m[:, None] * sx_m + offs_k[None, :] * sx_k,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = _dequantized_tile(w_base, s_base, b_base, offs_k, offs_n, k_mask, n_mask,
+                                  sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                                  MODE, BITS, GS, TRANSPOSE, SCALE_DTYPE, DOT_DTYPE)
+            partial = tl.dot(x.to(DOT_DTYPE), w, partial, input_precision=PRECISION)
+        total = total + partial
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_IN_GRID and SPLITS > 1:
+        part = part_ptr + ((split * n_items + item) * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(part, total, mask=mask)
+    else:
+        if HAS_GLOBAL:
+            total = total * (tl.load(g_ptr + w_batch) / 2688.0)
+        out = out_ptr + item * so_i + offs_m[:, None] * so_m + offs_n[None, :] * so_n
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fold_splits_kernel(part_ptr, g_ptr, rhs_ptr, out_ptr, MN, total_elems,
+                       SPLITS: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK: tl.constexpr):
+    """out = 0 + p0 + p1 + ... (left to right, float32), times the tensor scale, cast to out's dtype."""
+    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = offs < total_elems
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        total = total + tl.load(part_ptr + s * total_elems + offs, mask=mask, other=0.0)
+    if HAS_GLOBAL:
+        expert = tl.load(rhs_ptr + offs // MN, mask=mask, other=0)
+        total = total * (tl.load(g_ptr + expert, mask=mask, other=1.0) / 2688.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def k_splits(n: int, k: int) -> int:
+    """SPLITS for a weight of N outputs and K inputs: enough programs to fill the GPU at M = 1, at least two
+    K blocks per split. A function of (N, K) only: this is what makes every M reduce the same way."""
+    n_tiles = -(-n // 64)
+    k_blocks = -(-k // BLOCK_K)
+    splits = 1
+    while n_tiles * splits < TARGET_PROGRAMS and k_blocks >= 4 * splits and splits < MAX_SPLITS:
+        splits *= 2
+    return splits
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tile_config(m: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, split_in_grid) by M; on the GPU any choice gives the same bits.
+
+    The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the tile shape: it keeps one shape."""
+    if m <= 16 or _interpreting():
+        return 16, 64, 4, 4, True
+    if m <= 64:
+        return 64, 64, 4, 4, True
+    return 128, 128, 8, 3, False
+
+
+def _dot_dtype(mode: str, compute: torch.dtype, scale_dtype: torch.dtype) -> torch.dtype:
+    """The tensor-core operand dtype: the activations' own where dequantized weights are exact in it, else float32."""
+    if compute == torch.float32 or (compute == torch.bfloat16 and _interpreting()):
+        return torch.float32  # (the interpreter's tl.dot misreads bfloat16 operands; float32 holds them exactly)
+    if mode == "affine":
+        return compute if scale_dtype == compute else torch.float32
+    if mode == "nvfp4" or compute == torch.bfloat16:  # e2m1*e4m3 fits f16/bf16; 2**e fits bf16's range only
+        return compute
+    return torch.float32
+
+
+def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
+               sorted_indices=False):
+    """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) -> (I, M, N) in out_dtype."""
+    n_items, m, k = lhs.shape[0], x.shape[-2], x.shape[-1]
+    n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
+    # (the interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: let torch round there)
+    kernel_dtype = torch.float32 if out_dtype == torch.bfloat16 and _interpreting() else out_dtype
+    out = torch.empty(n_items, m, n, dtype=kernel_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    scale_dtype = torch.promote_types(scales.dtype, biases.dtype) if mode == "affine" else torch.float32
+    compute = torch.promote_types(out_dtype, x.dtype)
+    dot = _dot_dtype(mode, compute, scale_dtype)
+    splits = k_splits(n, k)
+    block_m, block_n, warps, stages, split_in_grid = _tile_config(m)
+    split_in_grid = split_in_grid and splits > 1
+    partials = (torch.empty(splits, n_items, m, n, dtype=torch.float32, device=x.device) if split_in_grid
+                else out)
+    b = biases if biases is not None else scales
+    g = global_scale if global_scale is not None else scales
+    lhs32, rhs32 = lhs.to(torch.int32), rhs.to(torch.int32)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * n_items * (splits if split_in_grid else 1),)
+    qmm_kernel[grid](
+        x, w_q.view(torch.int32), scales, b, g, lhs32, rhs32, out, partials,
+        m, n, k, n_items,
+        *x.stride(), *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
+        MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=global_scale is not None,
+        SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES.get(scale_dtype, tl.float32),
+        DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages,
+    )
+    if split_in_grid:
+        total = n_items * m * n
+        block = 1024
+        fold_splits_kernel[(triton.cdiv(total, block),)](
+            partials, g, rhs32, out, m * n, total, SPLITS=splits, HAS_GLOBAL=global_scale is not None, BLOCK=block,
+        )
+    return out.to(out_dtype)
