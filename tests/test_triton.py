@@ -1,0 +1,157 @@
+"""The Triton kernels: on the GPU when there is one, else interpreted on CPU tensors (TRITON_INTERPRET=1, small
+shapes). Every path against the float64 oracle `x @ dequantize(w).T`, and rows bit-identical across batch sizes."""
+
+import os
+
+import pytest
+import torch
+from conftest import dequantize_f64, quantize3
+
+import lowbit
+
+triton = pytest.importorskip("triton")
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+FORMATS = [("affine", 64, 4), ("affine", 32, 3), ("affine", 128, 6), ("affine", 32, 1), ("affine", 64, 8),
+           ("mxfp4", 32, 4), ("mxfp8", 32, 8), ("nvfp4", 16, 4)]
+FP_MODES = [f for f in FORMATS if f[0] != "affine"]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+
+
+def randn(*shape, gen, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def rel_err(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    return 1e-3 if dtype == torch.float32 else 1e-2
+
+
+def odd_k(gs):
+    """A K that is a multiple of the group size and, where the group size allows, not of the 64-wide K block."""
+    return gs * 9 if gs < 128 else gs * 3
+
+
+@pytest.mark.parametrize("mode, gs, bits", FORMATS)
+@pytest.mark.parametrize("n", [1, 3, 5, 7] if not GPU else [1, 2, 3, 5, 7, 67, 4096])
+def test_small_n_and_odd_k(mode, gs, bits, n, gen):
+    """Bug report 1 (N < 8 used the raw scale byte) and K-tail bugs (K % 64 != 0), M = 1 and 2."""
+    k = odd_k(gs)
+    q = quantize3(randn(n, k, gen=gen, scale=k**-0.5), gs, bits, mode)
+    w_hat = dequantize_f64(q, gs, bits, mode).to(DEVICE)
+    for m in (1, 2):
+        x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+        y = lowbit.quantized_matmul(x, *q, True, gs, bits, mode)
+        assert y.device.type == DEVICE
+        assert rel_err(y, x.double() @ w_hat.T) < tol(x.dtype)
+
+
+@pytest.mark.parametrize("mode, gs, bits", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_transpose_false_and_dtypes(mode, gs, bits, dtype, gen):
+    k, n = 2 * gs + 64, 3 * gs
+    q = quantize3(randn(k, n, gen=gen, scale=k**-0.5), gs, bits, mode)
+    x = randn(3, k, gen=gen, dtype=dtype)
+    y = lowbit.quantized_matmul(x, *q, False, gs, bits, mode)
+    assert rel_err(y, x.double() @ dequantize_f64(q, gs, bits, mode).to(DEVICE)) < tol(dtype)
+
+
+@pytest.mark.parametrize("mode, gs, bits", FORMATS)
+def test_stride0_batched_weight_small_m(mode, gs, bits, gen):
+    """Bug report 4: expand()ed (stride-0) weight batch dims with M = 2..3, and a non-contiguous x."""
+    k = 2 * gs
+    q = quantize3(randn(2, 1, 24, k, gen=gen, scale=k**-0.5), gs, bits, mode)
+    expanded = tuple(None if t is None else t.expand(2, 3, *t.shape[2:]) for t in q)
+    w_hat = dequantize_f64(q, gs, bits, mode).to(DEVICE)
+    for m in (2, 3):
+        x = randn(2, 3, m, 2 * k, gen=gen)[..., ::2]
+        y = lowbit.quantized_matmul(x, *expanded, True, gs, bits, mode)
+        assert rel_err(y, x.double() @ w_hat.transpose(-1, -2)) < 1e-3
+
+
+INVARIANCE_LENGTHS = (1, 2, 3, 8, 15, 16, 17, 33) if not GPU else (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1024, 4096)
+
+
+@pytest.mark.parametrize("mode, gs, bits", FORMATS)
+def test_rows_bit_identical_across_batch_sizes(mode, gs, bits, gen):
+    """Batch invariance: rows of qmm(x[-L:]) equal rows of qmm(x)[-L:] bit for bit, across every dispatch
+    boundary, and a row alone equals the same row inside the batch."""
+    n, k = (40, 256) if not GPU else (1000, 4096)
+    q = quantize3(randn(n, k, gen=gen, scale=k**-0.5, dtype=torch.bfloat16), gs, bits, mode)
+    x = randn(max(INVARIANCE_LENGTHS) + 7, k, gen=gen, dtype=torch.bfloat16)
+    whole = lowbit.quantized_matmul(x, *q, True, gs, bits, mode)
+    for length in INVARIANCE_LENGTHS:
+        part = lowbit.quantized_matmul(x[-length:], *q, True, gs, bits, mode)
+        assert torch.equal(part, whole[-length:]), length
+    assert rel_err(whole, x.double() @ dequantize_f64(q, gs, bits, mode).to(DEVICE).T) < 1e-2
+
+
+@pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4)])
+def test_gather_qmm_matches_oracle_and_is_invariant(mode, gs, bits, gen):
+    k = 128
+    experts = quantize3(randn(4, 32, k, gen=gen, scale=k**-0.5), gs, bits, mode)
+    x = randn(6, 1, k, gen=gen)
+    rhs = torch.tensor([3, 0, 0, 1, 3, 2], device=DEVICE)
+    out = lowbit.gather_qmm(x, *experts, torch.arange(6, device=DEVICE), rhs, True, gs, bits, mode)
+    w_hat = dequantize_f64(experts, gs, bits, mode).to(DEVICE)
+    ref = torch.stack([x[i, 0].double() @ w_hat[j].T for i, j in enumerate(rhs.tolist())])
+    assert rel_err(out.reshape(6, -1), ref) < 1e-3
+    subset = lowbit.gather_qmm(x, *experts, torch.tensor([4, 1], device=DEVICE), rhs[[4, 1]], True, gs, bits, mode)
+    assert torch.equal(subset, out[[4, 1]])
+
+
+@pytest.mark.parametrize("tensor_scale", [1e-6, 1.0, 1e6])
+def test_nvfp4_global_scale_float16_no_overflow(tensor_scale, gen):
+    """Bug report 3: a tiny tensor scale applied after an fp16 matmul overflowed; lowbit applies it in float32."""
+    k = 1024 if not GPU else 4096
+    w = randn(16, k, gen=gen, scale=tensor_scale)
+    g = w.abs().max().float().reshape(1)
+    q = quantize3(w, mode="nvfp4", global_scale=g)
+    x = randn(2, k, gen=gen, scale=tensor_scale**-0.5 / 64, dtype=torch.float16)
+    ref = x.double() @ dequantize_f64(q, mode="nvfp4", global_scale=g).to(DEVICE).T
+    y = lowbit.quantized_matmul(x, *q, mode="nvfp4", global_scale=g)
+    assert torch.isfinite(y).all() and rel_err(y, ref) < 2e-3
+
+
+def test_triton_matches_cpu_backend(monkeypatch, gen):
+    """The kernel and the CPU reference agree on the same inputs (tolerance: different reduction orders)."""
+    q = quantize3(randn(48, 256, gen=gen, scale=1 / 16).cpu(), 64, 4)
+    x = randn(5, 256, gen=gen).cpu()
+    monkeypatch.setenv("LOWBIT_BACKEND", "cpu")
+    expected = lowbit.quantized_matmul(x, *q)
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    got = lowbit.quantized_matmul(x.to(DEVICE), *(t.to(DEVICE) for t in q))
+    assert (got.cpu() - expected).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(GPU, reason="checks the interpreter's refusal on CPU tensors")
+def test_triton_backend_never_falls_back_silently(monkeypatch, gen):
+    """LOWBIT_BACKEND=triton on CPU tensors without the interpreter raises instead of running the CPU path."""
+    q = quantize3(torch.randn(8, 64), 64, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"\[quantized_matmul\] LOWBIT_BACKEND=triton needs CUDA tensors"):
+        lowbit.quantized_matmul(torch.randn(2, 64), *q)
+
+
+@pytest.mark.skipif(not GPU, reason="large shapes need the GPU")
+@pytest.mark.parametrize("m, n, k", [(3, 32840, 128), (33000, 64, 128), (5, 4096, 10944), (17, 4096, 7392),
+                                     (1, 4096, 4304)])
+def test_large_and_awkward_shapes(m, n, k, gen):
+    """N or M beyond 32767 (int16 overflow bugs elsewhere) and real-model K that are not multiples of 128."""
+    q = quantize3(randn(n, k, gen=gen, scale=k**-0.5, dtype=torch.bfloat16), 16 if k % 32 else 32, 4,
+                  "nvfp4" if k % 32 else "mxfp4")
+    mode, gs = ("nvfp4", 16) if k % 32 else ("mxfp4", 32)
+    x = randn(m, k, gen=gen, dtype=torch.bfloat16)
+    y = lowbit.quantized_matmul(x, *q, True, gs, 4, mode)
+    assert rel_err(y, x.double() @ dequantize_f64(q, gs, 4, mode).to(DEVICE).T) < 1e-2
