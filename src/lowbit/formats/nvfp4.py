@@ -26,17 +26,18 @@ def quantize_nvfp4(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., K) float -> (w_q uint32 (..., K/8), e4m3 scales uint8 (..., K/16)).
 
-    The tensor scale is divided out of the block scale and of the elements, in MLX's order (bit-exact).
+    The tensor scale is taken out of the block scale and of the elements in MLX's order and arithmetic (bit-exact).
     A block holding NaN or +-inf gets the e4m3 NaN scale (0x7F), so it dequantizes to NaN, and codes 0.
     """
     g = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP_SIZE, GROUP_SIZE)
     s = (g.abs().amax(-1) / codecs.E2M1_MAX).float()  # rounded to w's dtype first, as MLX
-    decode = None if global_scale is None else tensor_decode_scale(global_scale)
-    scale_bytes = codecs.e4m3_encode(s if decode is None else s / decode)
+    # MLX's exact arithmetic: encode = 1 / (global_scale / 2688) in float32, then multiply.
+    encode = None if global_scale is None else 1.0 / tensor_decode_scale(global_scale)
+    scale_bytes = codecs.e4m3_encode(s if encode is None else s * encode)
     block_scale = codecs.e4m3_decode(scale_bytes, w.dtype)
     q = (g / block_scale[..., None]).float()  # divided in w's dtype, as MLX
-    if decode is not None:
-        q = q / decode
+    if encode is not None:
+        q = q * encode
     q = torch.where((block_scale == 0)[..., None], torch.zeros_like(q), q)  # empty block: 0/0 -> code 0
     finite = torch.isfinite(g).all(-1)
     q = torch.where(finite[..., None], q, torch.zeros_like(q))

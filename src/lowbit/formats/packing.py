@@ -47,7 +47,10 @@ def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
     """uint32 words (..., W) -> codes (..., W * 32 / bits) as uint8."""
     *lead, w = words.shape
     per_pack, pack_bytes = _pack_geometry(bits)
-    stream = words.contiguous().view(torch.uint8).reshape(*lead, w * 4 // pack_bytes, pack_bytes)
+    if not words.is_contiguous() or (w == 1 and words.stride(-1) != 1):
+        # (torch calls a size-1 last dim contiguous whatever its stride, but a dtype view needs stride 1)
+        words = torch.empty(words.shape, dtype=words.dtype, device=words.device).copy_(words)
+    stream = words.view(torch.uint8).reshape(*lead, w * 4 // pack_bytes, pack_bytes)
     if pack_bytes == 1:
         packs = stream.to(torch.int32)
     else:

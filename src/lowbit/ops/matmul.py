@@ -279,7 +279,10 @@ def _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, gl
         )
     _, gs, b = checks.resolve(op, mode, group_size, bits)
     if (global_scale_x is None) != (global_scale_w is None):
-        raise ValueError(f"[{op}] global_scale_x and global_scale_w must be given together (both or neither).")
+        given = "global_scale_x" if global_scale_w is None else "global_scale_w"
+        raise ValueError(
+            f"[{op}] global_scale_x and global_scale_w must be given together (both or neither) but only {given} was."
+        )
     checks.check_global_scale(op, mode, global_scale_x, 1, "global_scale_x")
     checks.check_global_scale(op, mode, global_scale_w, n_scale, "global_scale_w")
     checks.check_tensor(op, "w", w)
