@@ -69,6 +69,14 @@ ALL_CONFIGS = [("affine", gs, b) for gs in (32, 64, 128) for b in (1, 2, 3, 4, 5
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_xdist_worker():
+    """Under pytest-xdist each worker gets one torch thread: oversubscribed OpenMP is several times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -53,6 +53,8 @@ COLUMNS = ("format", "M", "N", "K", "lowbit µs", "MLX µs", "fp32 µs", "bf16 �
 
 @dataclass(frozen=True)
 class Format:
+    """One quantization format: MLX's (mode, group_size, bits)."""
+
     mode: str
     group_size: int
     bits: int
@@ -64,6 +66,8 @@ class Format:
 
 @dataclass(frozen=True)
 class Plan:
+    """The rows to run (formats x shapes x Ms) and the CPU time budget per timed call."""
+
     formats: tuple[Format, ...]
     shapes: tuple[tuple[int, int], ...]
     ms: tuple[int, ...]
@@ -83,6 +87,8 @@ def plan(quick: bool) -> Plan:
 
 @dataclass(frozen=True)
 class Row:
+    """One measured and checked (format, M, N, K)."""
+
     fmt: Format
     m: int
     n: int
@@ -302,8 +308,8 @@ def cells(row: Row) -> list[str]:
     ]
 
 
-def header(device: torch.device, quick: bool, load_before: float) -> list[str]:
-    """Date, machine, load, versions, threads and what each column means."""
+def header(device: torch.device, quick: bool, started: datetime.datetime, load_before: float) -> list[str]:
+    """Start time, machine, load, versions, threads and what each column means."""
     x_dtype, w_dtype = (str(t).removeprefix("torch.") for t in (X_DTYPES[device.type], WEIGHT_DTYPE))
     machine = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
@@ -314,7 +320,7 @@ def header(device: torch.device, quick: bool, load_before: float) -> list[str]:
     timing = ("CUDA events, median, inputs rotated past 2x L2" if device.type == "cuda" else
               f"perf_counter, median after one warm-up call (a call over {SINGLE_SHOT_S:.0f} s is timed once)")
     return [
-        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; device: {device}; "
+        f"started: {started.isoformat(timespec='seconds')}; device: {device}; "
         f"plan: {'quick' if quick else 'full'}",
         f"machine: {machine}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}{gpu}; "
         f"1-min load average before the run: {load_before:.2f} (well above 0 means other work shared the CPUs)",
@@ -360,15 +366,15 @@ def main(device: str = "cpu", quick: bool = False, output: str | None = None) ->
     from tqdm import tqdm
 
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("lowbit bench: CUDA is not available on this machine.")
+    if dev.type not in X_DTYPES or (dev.type == "cuda" and not torch.cuda.is_available()):
+        print(f"lowbit bench: device {device!r} is not available here (cpu, or cuda with a GPU).")
         return 1
     todo = plan(quick)
-    load_before, start = os.getloadavg()[0], time.perf_counter()
+    started, load_before, start = datetime.datetime.now(), os.getloadavg()[0], time.perf_counter()
     with tqdm(total=todo.size, desc=f"lowbit bench [{dev}]", unit="row", leave=False) as bar:
         rows = run(dev, todo, lambda: bar.update(1))
     title = f"lowbit quantized_matmul on {dev} ({time.perf_counter() - start:.0f} s)"
-    lines, table = header(dev, quick, load_before), [cells(r) for r in rows]
+    lines, table = header(dev, quick, started, load_before), [cells(r) for r in rows]
     print_report(title, lines, rows, table)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

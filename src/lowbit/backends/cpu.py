@@ -50,19 +50,22 @@ def dequantize(w_q, scales, biases, mode, group_size, bits, dtype, global_scale)
     return out
 
 
-def _weight_slabs(w_q, scales, biases, global_scale, transpose, mode, group_size, bits, compute_dtype):
-    """Yield (n0, n1, w_slab) with w_slab = dequantized weight columns n0:n1 as (K, n1 - n0) in compute_dtype.
+def _weight_slabs(w_q, scales, biases, global_scale, transpose, mode, group_size, bits, weight_dtype):
+    """Yield (n0, n1, w_slab) with w_slab = dequantized weight columns n0:n1 as (K, n1 - n0), float32.
 
-    transpose=True stores w as (N, K) and slabs are row ranges; transpose=False stores (K, N) with groups along N and
-    slabs are ranges of whole groups. The slab width depends on (N, K) only.
+    Values are dequantized in `weight_dtype` (affine: MLX casts scales and biases to promote(x, scales, biases)
+    first; fp modes: float32, where every value is exact). transpose=True stores w as (N, K) and slabs are row
+    ranges; transpose=False stores (K, N) with groups along N and slabs are ranges of whole groups. The slab width
+    depends on (N, K) only.
     """
     rows, packed = w_q.shape
     cols = packed * 32 // bits
 
     def deq(q, s, b):
-        values = dequantize_groups(q, s, b, mode, group_size, bits, scales.dtype if mode == "affine" else compute_dtype,
-                                   global_scale)
-        return values.to(compute_dtype)
+        if b is not None:
+            s, b = s.to(weight_dtype), b.to(weight_dtype)
+        values = dequantize_groups(q, s, b, mode, group_size, bits, weight_dtype, global_scale)
+        return values.float()
 
     if transpose:  # (N, K): take rows
         for n0, n1 in _row_chunks(rows, cols):
@@ -84,9 +87,9 @@ def _tiled_matmul(rows: torch.Tensor, w_slab: torch.Tensor, out: torch.Tensor) -
     """out = rows @ w_slab, one fixed-shape (ROW_TILE, K) @ (K, n) call per tile (batch-invariant)."""
     m, k = rows.shape
     padded = -(-m // ROW_TILE) * ROW_TILE
-    tiles = torch.zeros(padded, k, dtype=w_slab.dtype)
+    tiles = torch.zeros(padded, k, dtype=w_slab.dtype, device=w_slab.device)
     tiles[:m] = rows
-    result = torch.empty(padded, w_slab.shape[1], dtype=w_slab.dtype)
+    result = torch.empty(padded, w_slab.shape[1], dtype=w_slab.dtype, device=w_slab.device)
     for i in range(0, padded, ROW_TILE):
         torch.matmul(tiles[i : i + ROW_TILE], w_slab, out=result[i : i + ROW_TILE])
     out.copy_(result[:m])
@@ -103,6 +106,9 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
     out = torch.empty(n_items, m, n, dtype=torch.float32, device=x.device)
     xf = x.float()
+    weight_dtype = torch.float32
+    if mode == "affine":
+        weight_dtype = torch.promote_types(torch.promote_types(x.dtype, scales.dtype), biases.dtype)
     for expert in torch.unique(rhs).tolist():
         items = (rhs == expert).nonzero().squeeze(1)
         rows = xf[lhs[items]].reshape(-1, x.shape[-1])
@@ -110,7 +116,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         b = None if biases is None else biases[expert]
         flat_out = torch.empty(rows.shape[0], n, dtype=torch.float32, device=x.device)
         for n0, n1, slab in _weight_slabs(w_q[expert], scales[expert], b, gs, transpose, mode, group_size, bits,
-                                          torch.float32):
+                                          weight_dtype):
             _tiled_matmul(rows, slab, flat_out[:, n0:n1])
         out[items] = flat_out.reshape(-1, m, n)
     return out.to(out_dtype)

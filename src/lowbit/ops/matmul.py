@@ -200,6 +200,7 @@ def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:
         raise ValueError(f"[{op}] {name} must be an integer tensor but got dtype {idx.dtype}.")
     if idx.device != device:
         raise ValueError(f"[{op}] {name} must be on {device} like x but is on {idx.device}.")
+    idx = idx.long()  # MLX's own index dtype is uint32, which torch cannot reduce
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= size:
@@ -207,7 +208,7 @@ def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:
                 f"[{op}] {name} holds index {lo if lo < 0 else hi}, out of range for the {size} matrices of the "
                 f"flattened batch dims {tuple(default_batch)}."
             )
-    return idx.long()
+    return idx
 
 
 def _gather(op, x, wt: _Weight, lhs_indices, rhs_indices, out_dtype, sorted_indices):
