@@ -16,6 +16,7 @@ if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
 FORMATS = [("affine", 64, 4), ("affine", 32, 3), ("affine", 128, 6), ("affine", 32, 1), ("affine", 64, 8),
+           ("affine", 64, 2), ("affine", 32, 5),
            ("mxfp4", 32, 4), ("mxfp8", 32, 8), ("nvfp4", 16, 4)]
 FP_MODES = [f for f in FORMATS if f[0] != "affine"]
 

@@ -5,22 +5,54 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def extract_codes(w_ptr, row, code_index, row_stride, word_stride, mask, BITS: tl.constexpr):
-    """The BITS-bit code number `code_index` of row `row` in MLX's LSB-first stream of uint32 words (read as int32).
+def pack_geometry(bits: int) -> tuple[int, int, int]:
+    """(codes per pack, words per pack, words per pack rounded up to a power of two) for `bits`-bit codes:
+    one word for 1/2/4/8 bits; 3 words = 32 codes for 3 bits, 5 words = 32 codes for 5, 3 words = 16 codes for 6."""
+    per_pack = {3: 32, 5: 32, 6: 16}.get(bits, 32 // bits)
+    words = per_pack * bits // 32
+    return per_pack, words, 1 << (words - 1).bit_length()
 
-    3-, 5- and 6-bit codes may straddle two words; they are read as one 64-bit window.
+
+@triton.jit
+def unpack_tile(w_base, rows, row_mask, row_stride, word_stride, code_start, n_codes,
+                R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
+                PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr):
+    """Codes [code_start, code_start + C) of R rows of MLX's packed stream -> int32 tile (R, C).
+
+    Every word is read once. The stream is cut into packs (see `pack_geometry`), the fewest whole words holding
+    whole codes; a pack's words are loaded side by side and each code is shifted out of the 64-bit window of the
+    two words it touches. Codes at or past n_codes read as 0.
     """
-    bit = code_index * BITS
-    base = w_ptr + row * row_stride
-    lo = tl.load(base + (bit >> 5) * word_stride, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    shift = (bit & 31).to(tl.uint32)
-    if BITS == 3 or BITS == 5 or BITS == 6:
-        hi = tl.load(base + ((bit + BITS - 1) >> 5) * word_stride, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        window = lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)
-        return ((window >> shift.to(tl.uint64)) & ((1 << BITS) - 1)).to(tl.int32)
+    pack = code_start // PER_PACK + tl.arange(0, C // PER_PACK)
+    pack_ok = pack * PER_PACK < n_codes
+    j = tl.arange(0, WORDS_POW2)
+    word = pack[:, None] * WORDS + j[None, :]  # (PACKS, WORDS_POW2)
+    mask = row_mask[:, None, None] & pack_ok[None, :, None] & (j < WORDS)[None, None, :]
+    ptrs = w_base + rows[:, None, None] * row_stride + word[None, :, :] * word_stride
+    words = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)  # (R, PACKS, WORDS_POW2)
+    slot = tl.arange(0, PER_PACK)
+    bit = slot * BITS
+    if WORDS == 1:
+        codes = (words >> bit[None, None, :].to(tl.uint32)) & ((1 << BITS) - 1)  # (R, PACKS, PER_PACK)
     else:
-        return ((lo >> shift) & ((1 << BITS) - 1)).to(tl.int32)
+        lo_word = (bit >> 5)[:, None] == j[None, :]  # (PER_PACK, WORDS_POW2) one-hot selections
+        hi_word = ((bit + BITS - 1) >> 5)[:, None] == j[None, :]
+        w4 = words.to(tl.uint64)[:, :, None, :]
+        lo = tl.sum(tl.where(lo_word[None, None, :, :], w4, 0), axis=3)
+        hi = tl.sum(tl.where(hi_word[None, None, :, :], w4, 0), axis=3)
+        window = lo | (hi << 32)
+        codes = (window >> (bit & 31)[None, None, :].to(tl.uint64)) & ((1 << BITS) - 1)
+    return tl.reshape(codes.to(tl.int32), (R, C))
+
+
+@triton.jit
+def group_tile(ptr, rows, row_mask, row_stride, col_stride, code_start, n_codes,
+               R: tl.constexpr, C: tl.constexpr, GS: tl.constexpr):
+    """Per-group values (scales or biases) for codes [code_start, code_start + C) of R rows, repeated to (R, C)."""
+    group = code_start // GS + tl.arange(0, C // GS)
+    mask = row_mask[:, None] & (group * GS < n_codes)[None, :]
+    values = tl.load(ptr + rows[:, None] * row_stride + group[None, :] * col_stride, mask=mask, other=0)
+    return tl.reshape(tl.broadcast_to(values[:, :, None], (R, C // GS, GS)), (R, C))
 
 
 @triton.jit

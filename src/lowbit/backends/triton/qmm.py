@@ -5,7 +5,7 @@ MLX's layout in place through strides, so stride-0 (expanded) and non-contiguous
 copies, and it dequantizes each weight tile in registers to exactly the values of `lowbit.dequantize` before a
 tensor-core dot.
 
-Batch invariance, the canonical reduction: K is cut into blocks of BLOCK_K = 64; the blocks are grouped into
+Batch invariance, the canonical reduction: K is cut into blocks of BLOCK_K = 128; the blocks are grouped into
 SPLITS contiguous partials; each partial starts from zero and accumulates its blocks in order with tl.dot; the
 partials are added left to right (0 + p0 + p1 + ...). BLOCK_K and SPLITS depend on (N, K) only, never on M or the
 batch. Small M runs the partials as separate programs and folds them in a second kernel; large M folds them inside
@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import e2m1_value, e4m3_value, e8m0_value, extract_codes, round_to
+from .decode import e2m1_value, e4m3_value, e8m0_value, group_tile, pack_geometry, round_to, unpack_tile
 
-BLOCK_K = 64
+BLOCK_K = 128  # a multiple of every group size and pack
 MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 TARGET_PROGRAMS = 264  # about two waves on a 132-SM Hopper; a constant, so the split never depends on the device
@@ -31,32 +31,34 @@ MAX_SPLITS = 16
 
 
 @triton.jit
-def _dequantized_tile(w_base, s_base, b_base, offs_k, offs_n, k_mask, n_mask,
-                      sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
-                      MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr,
-                      SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """The (BLOCK_K, BLOCK_N) tile of dequantize(w) (transposed to K-major), in DOT_DTYPE."""
-    if TRANSPOSE:  # w is (N, K): rows are outputs, codes run along K
-        row = offs_n[None, :]
-        col = offs_k[:, None]
-    else:  # w is (K, N): rows run along K, codes along N
-        row = offs_k[:, None]
-        col = offs_n[None, :]
-    mask = k_mask[:, None] & n_mask[None, :]
-    codes = extract_codes(w_base, row, col, sw_r, sw_c, mask, BITS)
-    group = col // GS
-    scale = tl.load(s_base + row * ss_r + group * ss_c, mask=mask, other=0)
-    if MODE == 0:  # affine: code * scale + bias, rounded twice in the scales' dtype (as MLX)
-        bias = tl.load(b_base + row * sb_r + group * sb_c, mask=mask, other=0)
+def _values(codes, scale, bias, MODE: tl.constexpr, SCALE_DTYPE: tl.constexpr):
+    """Codes and their group's scale (and bias) -> the exact values of lowbit.dequantize, in float32."""
+    if MODE == 0:  # affine: code * scale + bias, rounded twice in the compute dtype (as MLX)
         scaled = round_to(codes.to(tl.float32) * scale.to(tl.float32), SCALE_DTYPE)
-        value = round_to(scaled + bias.to(tl.float32), SCALE_DTYPE)
+        return round_to(scaled + bias.to(tl.float32), SCALE_DTYPE)
     elif MODE == 1:  # mxfp4
-        value = e2m1_value(codes) * e8m0_value(scale.to(tl.int32))
+        return e2m1_value(codes) * e8m0_value(scale.to(tl.int32))
     elif MODE == 2:  # mxfp8
-        value = e4m3_value(codes) * e8m0_value(scale.to(tl.int32))
-    else:  # nvfp4 block scale (the tensor scale is applied to the float32 result)
-        value = e2m1_value(codes) * e4m3_value(scale.to(tl.int32))
-    return value.to(DOT_DTYPE)
+        return e4m3_value(codes) * e8m0_value(scale.to(tl.int32))
+    else:  # nvfp4 block scale (the tensor scale multiplies the float32 result)
+        return e2m1_value(codes) * e4m3_value(scale.to(tl.int32))
+
+
+@triton.jit
+def _weight_tile(w_base, s_base, b_base, rows, row_mask, code_start, n_codes,
+                 sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                 R: tl.constexpr, C: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                 PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
+                 SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Rows `rows` x codes [code_start, code_start + C) of dequantize(w), as an (R, C) tile in DOT_DTYPE."""
+    codes = unpack_tile(w_base, rows, row_mask, sw_r, sw_c, code_start, n_codes, R, C, BITS,
+                        PER_PACK, WORDS, WORDS_POW2)
+    scale = group_tile(s_base, rows, row_mask, ss_r, ss_c, code_start, n_codes, R, C, GS)
+    if MODE == 0:
+        bias = group_tile(b_base, rows, row_mask, sb_r, sb_c, code_start, n_codes, R, C, GS)
+    else:
+        bias = scale
+    return _values(codes, scale, bias, MODE, SCALE_DTYPE).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -65,9 +67,14 @@ def qmm_kernel(
     M, N, K, n_items,
     sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One (BLOCK_N weights x BLOCK_M tokens) tile of one gathered item, over all of K or one split of it.
+
+    The weight tile is the MMA's left operand (weights on the M side, tokens on the N side: decode pads tokens to 16,
+    not 64); the accumulator is the transposed output tile."""
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
     tiles = m_tiles * tl.cdiv(N, BLOCK_N)
@@ -99,28 +106,33 @@ def qmm_kernel(
 
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLITS)
-    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for s in range(first, last):
-        partial = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_blocks)):
             offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
             k_mask = offs_k < K
-            x = tl.load(x_base + offs_m[:, None] * sx_m + offs_k[None, :] * sx_k,
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = _dequantized_tile(w_base, s_base, b_base, offs_k, offs_n, k_mask, n_mask,
-                                  sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
-                                  MODE, BITS, GS, TRANSPOSE, SCALE_DTYPE, DOT_DTYPE)
-            partial = tl.dot(x.to(DOT_DTYPE), w, partial, input_precision=PRECISION)
+            x_t = tl.load(x_base + offs_k[:, None] * sx_k + offs_m[None, :] * sx_m,
+                          mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            if TRANSPOSE:  # w is (N, K): rows are outputs, codes run along K
+                w = _weight_tile(w_base, s_base, b_base, offs_n, n_mask, kb * BLOCK_K, K,
+                                 sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_N, BLOCK_K, MODE, BITS, GS,
+                                 PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE)
+            else:  # w is (K, N): rows run along K, codes along N
+                w = tl.trans(_weight_tile(w_base, s_base, b_base, offs_k, k_mask, pid_n * BLOCK_N, N,
+                                          sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_K, BLOCK_N, MODE, BITS, GS,
+                                          PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE))
+            partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
         total = total + partial
 
-    mask = m_mask[:, None] & n_mask[None, :]
+    mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_IN_GRID and SPLITS > 1:
-        part = part_ptr + ((split * n_items + item) * M + offs_m[:, None]) * N + offs_n[None, :]
+        part = part_ptr + ((split * n_items + item) * M + offs_m[None, :]) * N + offs_n[:, None]
         tl.store(part, total, mask=mask)
     else:
         if HAS_GLOBAL:
             total = total * (tl.load(g_ptr + w_batch) / 2688.0)
-        out = out_ptr + item * so_i + offs_m[:, None] * so_m + offs_n[None, :] * so_n
+        out = out_ptr + item * so_i + offs_m[None, :] * so_m + offs_n[:, None] * so_n
         tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -142,7 +154,7 @@ def fold_splits_kernel(part_ptr, g_ptr, rhs_ptr, out_ptr, MN, total_elems,
 def k_splits(n: int, k: int) -> int:
     """SPLITS for a weight of N outputs and K inputs: enough programs to fill the GPU at M = 1, at least two
     K blocks per split. A function of (N, K) only: this is what makes every M reduce the same way."""
-    n_tiles = -(-n // 64)
+    n_tiles = -(-n // 128)
     k_blocks = -(-k // BLOCK_K)
     splits = 1
     while n_tiles * splits < TARGET_PROGRAMS and k_blocks >= 4 * splits and splits < MAX_SPLITS:
@@ -154,26 +166,36 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tile_config(m: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, split_in_grid) by M; on the GPU any choice gives the same bits.
-
-    The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the tile shape: it keeps one shape."""
-    if m <= 16 or _interpreting():
-        return 16, 64, 4, 4, True
+def _tile_config(m: int, transpose: bool):
+    """(BLOCK_M tokens, BLOCK_N weights, num_warps, num_stages, split_in_grid) by M; on the GPU any choice gives the
+    same bits. The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the tile shape: it keeps one.
+    transpose=False tiles N by whole groups and packs: BLOCK_N = 128."""
+    if _interpreting():
+        return 16, 128, 4, 1, True
+    if m <= 16:
+        return 16, 128 if not transpose else 64, 4, 4, True
     if m <= 64:
-        return 64, 64, 4, 4, True
+        return 64, 128, 4, 4, True
     return 128, 128, 8, 3, False
 
 
-def _dot_dtype(mode: str, compute: torch.dtype, scale_dtype: torch.dtype) -> torch.dtype:
-    """The tensor-core operand dtype: the activations' own where dequantized weights are exact in it, else float32."""
-    if compute == torch.float32 or (compute == torch.bfloat16 and _interpreting()):
-        return torch.float32  # (the interpreter's tl.dot misreads bfloat16 operands; float32 holds them exactly)
+def _weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype the weight values are computed in, tensor-core operand dtype).
+
+    affine: MLX casts x, scales and biases to their promoted dtype and dequantizes there; the dot runs in it.
+    fp modes: the values are exact in float32; the dot runs in x's dtype where they are exact in it too (bf16 holds
+    every e2m1/e4m3 x 2**e value; f16 holds nvfp4's e2m1 x e4m3 but not mx's 2**e range), else in float32.
+    """
     if mode == "affine":
-        return compute if scale_dtype == compute else torch.float32
-    if mode == "nvfp4" or compute == torch.bfloat16:  # e2m1*e4m3 fits f16/bf16; 2**e fits bf16's range only
-        return compute
-    return torch.float32
+        weight = torch.promote_types(torch.promote_types(x_dtype, scales.dtype), biases.dtype)
+        dot = weight
+    else:
+        weight = torch.float32
+        exact = x_dtype == torch.bfloat16 or (x_dtype == torch.float16 and mode == "nvfp4")
+        dot = x_dtype if exact else torch.float32
+    if dot == torch.bfloat16 and _interpreting():  # the interpreter's tl.dot misreads bfloat16; float32 is exact
+        dot = torch.float32
+    return weight, dot
 
 
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
@@ -188,11 +210,10 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         return out
     if k == 0:
         return out.zero_()
-    scale_dtype = torch.promote_types(scales.dtype, biases.dtype) if mode == "affine" else torch.float32
-    compute = torch.promote_types(out_dtype, x.dtype)
-    dot = _dot_dtype(mode, compute, scale_dtype)
+    weight_dtype, dot = _weight_and_dot_dtypes(mode, x.dtype, scales, biases)
     splits = k_splits(n, k)
-    block_m, block_n, warps, stages, split_in_grid = _tile_config(m)
+    block_m, block_n, warps, stages, split_in_grid = _tile_config(m, transpose)
+    per_pack, words, words_pow2 = pack_geometry(bits)
     split_in_grid = split_in_grid and splits > 1
     partials = (torch.empty(splits, n_items, m, n, dtype=torch.float32, device=x.device) if split_in_grid
                 else out)
@@ -205,7 +226,8 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         m, n, k, n_items,
         *x.stride(), *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=global_scale is not None,
-        SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES.get(scale_dtype, tl.float32),
+        PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
+        SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages,
     )
