@@ -12,7 +12,7 @@ formats = [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4), ("affine", 64,
 only = sys.argv[1:] or None
 gen = torch.Generator(device="cuda").manual_seed(0)
 for mode, gs, bits in formats:
-    if only and f"{mode}{bits}" not in only:
+    if only and (f"{mode}{bits}" if mode == "affine" else mode) not in only:
         continue
     w = (torch.randn(4096, 4096, device="cuda", generator=gen) / 64).to(torch.bfloat16)
     q = lowbit.quantize(w, gs, bits, mode)

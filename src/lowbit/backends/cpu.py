@@ -99,9 +99,12 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
                sorted_indices=False):
     """out[i] = x[lhs[i]] @ dequantize(w[rhs[i]]) (.T if transpose), in float32, then out_dtype.
 
-    x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) int64 -> (I, M, N). Each distinct expert is dequantized once (slab by
-    slab). `sorted_indices` is a hint only: results are identical either way.
+    x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) int64, or both None for one product of x[0] and w[0] -> (I, M, N).
+    Each distinct expert is dequantized once (slab by slab). `sorted_indices` is a hint only: results are identical
+    either way.
     """
+    if lhs is None:
+        lhs = rhs = torch.zeros(1, dtype=torch.int64, device=x.device)
     n_items, m = lhs.shape[0], x.shape[-2]
     n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
     out = torch.empty(n_items, m, n, dtype=torch.float32, device=x.device)

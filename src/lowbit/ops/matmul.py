@@ -122,13 +122,16 @@ class _GatherQMM(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             backend = backend_for("quantized_matmul", grad.device)
-            items = torch.arange(lhs.shape[0], device=grad.device)
+            items = None if lhs is None else torch.arange(lhs.shape[0], device=grad.device)
             per_item = backend.gather_qmm(
                 grad.contiguous(), w, scales, biases, global_scale, items, rhs, not wt.transpose, wt.spec.name,
                 wt.group_size, wt.bits, torch.float32,
             )
-            grad_x = torch.zeros(x_shape, dtype=torch.float32, device=grad.device).index_add_(0, lhs, per_item)
-            grad_x = grad_x.to(x_dtype)
+            if lhs is None:
+                grad_x = per_item.to(x_dtype)
+            else:
+                grad_x = torch.zeros(x_shape, dtype=torch.float32, device=grad.device).index_add_(0, lhs, per_item)
+                grad_x = grad_x.to(x_dtype)
         return grad_x, None, None, None, None, None, None, None, None, None
 
 
@@ -140,8 +143,14 @@ def _reject_weight_grads(op: str, wt: _Weight) -> None:
 
 
 def _gathered(op, x_flat, wt: _Weight, lhs, rhs_original, out_dtype, sorted_indices=False):
-    """Run the gathered product with rhs indexing w's original flat batch; returns (I, M, N)."""
+    """Run the gathered product with rhs indexing w's original flat batch; returns (I, M, N).
+
+    lhs = rhs = None means one plain product (no batch dims anywhere): no index arrays are made."""
     _reject_weight_grads(op, wt)
+    if rhs_original is None:
+        w, s, b = (None if t is None else t.unsqueeze(0) for t in (wt.w, wt.scales, wt.biases))
+        g = None if wt.global_scale is None else wt.global_scale.reshape(1)
+        return _GatherQMM.apply(x_flat, w, s, b, g, None, None, wt, out_dtype, sorted_indices)
     w, s, b, g, index_map = _collapsed_weight(wt)
     rhs = index_map[rhs_original]
     return _GatherQMM.apply(x_flat, w, s, b, g, lhs, rhs, wt, out_dtype, sorted_indices)
@@ -158,8 +167,11 @@ def _matmul(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype) -> to
             f"[{op}] The batch dimensions of x {tuple(x_batch)} and w {tuple(w_batch)} cannot be broadcast together."
         ) from None
     device = x.device
-    lhs = torch.arange(checks.prod(x_batch), device=device).reshape(x_batch).expand(batch).reshape(-1)
-    rhs = torch.arange(checks.prod(w_batch), device=device).reshape(w_batch).expand(batch).reshape(-1)
+    if batch:
+        lhs = torch.arange(checks.prod(x_batch), device=device).reshape(x_batch).expand(batch).reshape(-1)
+        rhs = torch.arange(checks.prod(w_batch), device=device).reshape(w_batch).expand(batch).reshape(-1)
+    else:  # the common 2-D case: no index arrays
+        lhs = rhs = None
     m = x2.shape[-2]
     out = _gathered(op, x2.reshape(-1, m, wt.k), wt, lhs, rhs, out_dtype)
     out = out.reshape(*batch, m, wt.n)

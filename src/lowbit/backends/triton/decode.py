@@ -17,7 +17,7 @@ def pack_geometry(bits: int) -> tuple[int, int, int]:
 def unpack_tile(w_base, rows, row_mask, row_stride, word_stride, code_start, n_codes,
                 R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
                 PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr):
-    """Codes [code_start, code_start + C) of R rows of MLX's packed stream -> int32 tile (R, C).
+    """Codes [code_start, code_start + C) of R rows of MLX's packed stream -> int32 tile (R, C // PER_PACK, PER_PACK).
 
     Every word is read once. The stream is cut into packs (see `pack_geometry`), the fewest whole words holding
     whole codes; a pack's words are loaded side by side and each code is shifted out of the 64-bit window of the
@@ -42,17 +42,20 @@ def unpack_tile(w_base, rows, row_mask, row_stride, word_stride, code_start, n_c
         hi = tl.sum(tl.where(hi_word[None, None, :, :], w4, 0), axis=3)
         window = lo | (hi << 32)
         codes = (window >> (bit & 31)[None, None, :].to(tl.uint64)) & ((1 << BITS) - 1)
-    return tl.reshape(codes.to(tl.int32), (R, C))
+    return codes.to(tl.int32)
 
 
 @triton.jit
-def group_tile(ptr, rows, row_mask, row_stride, col_stride, code_start, n_codes,
-               R: tl.constexpr, C: tl.constexpr, GS: tl.constexpr):
-    """Per-group values (scales or biases) for codes [code_start, code_start + C) of R rows, repeated to (R, C)."""
-    group = code_start // GS + tl.arange(0, C // GS)
-    mask = row_mask[:, None] & (group * GS < n_codes)[None, :]
-    values = tl.load(ptr + rows[:, None] * row_stride + group[None, :] * col_stride, mask=mask, other=0)
-    return tl.reshape(tl.broadcast_to(values[:, :, None], (R, C // GS, GS)), (R, C))
+def pack_group_tile(ptr, rows, row_mask, row_stride, col_stride, code_start, n_codes,
+                    C: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr):
+    """The group value (scale or bias) of every pack of unpack_tile's tile: (R, C // PER_PACK, 1).
+
+    A pack never straddles groups (PER_PACK divides every group size it is used with)."""
+    pack = code_start // PER_PACK + tl.arange(0, C // PER_PACK)
+    mask = row_mask[:, None] & (pack * PER_PACK < n_codes)[None, :]
+    values = tl.load(ptr + rows[:, None] * row_stride + (pack * PER_PACK // GS)[None, :] * col_stride, mask=mask,
+                     other=0)
+    return values[:, :, None]
 
 
 @triton.jit
@@ -88,16 +91,16 @@ def e8m0_value(code):
 
 
 @triton.jit
-def round_to(value, DTYPE: tl.constexpr):
+def round_to(value, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """Round float32 `value` to DTYPE (nearest, ties to even), kept in float32.
 
-    bfloat16 is rounded with integer arithmetic: the interpreter's float32 -> bfloat16 cast truncates, and this
-    gives the GPU's bits on both."""
-    if DTYPE == tl.bfloat16:
+    In the interpreter, whose float32 -> bfloat16 cast truncates, bfloat16 is rounded with integer arithmetic
+    that gives the GPU's bits; on the GPU the cast is one instruction."""
+    if DTYPE == tl.bfloat16 and INTERPRET:
         bits = value.to(tl.int32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         return tl.where(value != value, value, rounded.to(tl.float32, bitcast=True))
-    elif DTYPE == tl.float16:
-        return value.to(tl.float16).to(tl.float32)
-    else:
+    elif DTYPE == tl.float32:
         return value
+    else:
+        return value.to(DTYPE).to(tl.float32)

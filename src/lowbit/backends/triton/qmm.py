@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import e2m1_value, e4m3_value, e8m0_value, group_tile, pack_geometry, round_to, unpack_tile
+from .decode import e2m1_value, e4m3_value, e8m0_value, pack_geometry, pack_group_tile, round_to, unpack_tile
 
 BLOCK_K = 128  # a multiple of every group size and pack
 MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
@@ -31,11 +31,11 @@ MAX_SPLITS = 16
 
 
 @triton.jit
-def _values(codes, scale, bias, MODE: tl.constexpr, SCALE_DTYPE: tl.constexpr):
+def _values(codes, scale, bias, MODE: tl.constexpr, SCALE_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """Codes and their group's scale (and bias) -> the exact values of lowbit.dequantize, in float32."""
     if MODE == 0:  # affine: code * scale + bias, rounded twice in the compute dtype (as MLX)
-        scaled = round_to(codes.to(tl.float32) * scale.to(tl.float32), SCALE_DTYPE)
-        return round_to(scaled + bias.to(tl.float32), SCALE_DTYPE)
+        scaled = round_to(codes.to(tl.float32) * scale.to(tl.float32), SCALE_DTYPE, INTERPRET)
+        return round_to(scaled + bias.to(tl.float32), SCALE_DTYPE, INTERPRET)
     elif MODE == 1:  # mxfp4
         return e2m1_value(codes) * e8m0_value(scale.to(tl.int32))
     elif MODE == 2:  # mxfp8
@@ -49,16 +49,19 @@ def _weight_tile(w_base, s_base, b_base, rows, row_mask, code_start, n_codes,
                  sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
                  R: tl.constexpr, C: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                  PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
-                 SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Rows `rows` x codes [code_start, code_start + C) of dequantize(w), as an (R, C) tile in DOT_DTYPE."""
+                 SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Rows `rows` x codes [code_start, code_start + C) of dequantize(w), as an (R, C) tile in DOT_DTYPE.
+
+    Dequantized pack by pack (codes (R, packs, PER_PACK) against one scale per pack), reshaped once at the end."""
     codes = unpack_tile(w_base, rows, row_mask, sw_r, sw_c, code_start, n_codes, R, C, BITS,
                         PER_PACK, WORDS, WORDS_POW2)
-    scale = group_tile(s_base, rows, row_mask, ss_r, ss_c, code_start, n_codes, R, C, GS)
+    scale = pack_group_tile(s_base, rows, row_mask, ss_r, ss_c, code_start, n_codes, C, GS, PER_PACK)
     if MODE == 0:
-        bias = group_tile(b_base, rows, row_mask, sb_r, sb_c, code_start, n_codes, R, C, GS)
+        bias = pack_group_tile(b_base, rows, row_mask, sb_r, sb_c, code_start, n_codes, C, GS, PER_PACK)
     else:
         bias = scale
-    return _values(codes, scale, bias, MODE, SCALE_DTYPE).to(DOT_DTYPE)
+    values = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
+    return tl.reshape(values, (R, C))
 
 
 @triton.jit
@@ -70,6 +73,7 @@ def qmm_kernel(
     PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEXED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One (BLOCK_N weights x BLOCK_M tokens) tile of one gathered item, over all of K or one split of it.
 
@@ -93,8 +97,12 @@ def qmm_kernel(
     pid_m = tile % m_tiles  # consecutive programs share a weight tile (L2 reuse)
     pid_n = tile // m_tiles
 
-    x_batch = tl.load(lhs_ptr + item).to(tl.int64)
-    w_batch = tl.load(rhs_ptr + item).to(tl.int64)
+    if INDEXED:
+        x_batch = tl.load(lhs_ptr + item).to(tl.int64)
+        w_batch = tl.load(rhs_ptr + item).to(tl.int64)
+    else:  # one plain product
+        x_batch = item.to(tl.int64)
+        w_batch = item.to(tl.int64)
     x_base = x_ptr + x_batch * sx_b
     w_base = w_ptr + w_batch * sw_b
     s_base = s_ptr + w_batch * ss_b
@@ -117,11 +125,11 @@ def qmm_kernel(
             if TRANSPOSE:  # w is (N, K): rows are outputs, codes run along K
                 w = _weight_tile(w_base, s_base, b_base, offs_n, n_mask, kb * BLOCK_K, K,
                                  sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_N, BLOCK_K, MODE, BITS, GS,
-                                 PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE)
+                                 PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE, INTERPRET)
             else:  # w is (K, N): rows run along K, codes along N
                 w = tl.trans(_weight_tile(w_base, s_base, b_base, offs_k, k_mask, pid_n * BLOCK_N, N,
                                           sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_K, BLOCK_N, MODE, BITS, GS,
-                                          PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE))
+                                          PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE, INTERPRET))
             partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
         total = total + partial
 
@@ -138,7 +146,7 @@ def qmm_kernel(
 
 @triton.jit
 def fold_splits_kernel(part_ptr, g_ptr, rhs_ptr, out_ptr, MN, total_elems,
-                       SPLITS: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK: tl.constexpr):
+                       SPLITS: tl.constexpr, HAS_GLOBAL: tl.constexpr, INDEXED: tl.constexpr, BLOCK: tl.constexpr):
     """out = 0 + p0 + p1 + ... (left to right, float32), times the tensor scale, cast to out's dtype."""
     offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = offs < total_elems
@@ -146,7 +154,10 @@ def fold_splits_kernel(part_ptr, g_ptr, rhs_ptr, out_ptr, MN, total_elems,
     for s in tl.static_range(SPLITS):
         total = total + tl.load(part_ptr + s * total_elems + offs, mask=mask, other=0.0)
     if HAS_GLOBAL:
-        expert = tl.load(rhs_ptr + offs // MN, mask=mask, other=0)
+        if INDEXED:
+            expert = tl.load(rhs_ptr + offs // MN, mask=mask, other=0)
+        else:
+            expert = offs // MN
         total = total * (tl.load(g_ptr + expert, mask=mask, other=1.0) / 2688.0)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -200,8 +211,9 @@ def _weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dt
 
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
                sorted_indices=False):
-    """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) -> (I, M, N) in out_dtype."""
-    n_items, m, k = lhs.shape[0], x.shape[-2], x.shape[-1]
+    """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) or both None (one product) -> (I, M, N)."""
+    indexed = lhs is not None
+    n_items, m, k = lhs.shape[0] if indexed else 1, x.shape[-2], x.shape[-1]
     n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
     # (the interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: let torch round there)
     kernel_dtype = torch.float32 if out_dtype == torch.bfloat16 and _interpreting() else out_dtype
@@ -219,7 +231,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
                 else out)
     b = biases if biases is not None else scales
     g = global_scale if global_scale is not None else scales
-    lhs32, rhs32 = lhs.to(torch.int32), rhs.to(torch.int32)
+    lhs32, rhs32 = (lhs.to(torch.int32), rhs.to(torch.int32)) if indexed else (scales, scales)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * n_items * (splits if split_in_grid else 1),)
     qmm_kernel[grid](
         x, w_q.view(torch.int32), scales, b, g, lhs32, rhs32, out, partials,
@@ -229,12 +241,14 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, INDEXED=indexed, INTERPRET=_interpreting(),
+        num_warps=warps, num_stages=stages,
     )
     if split_in_grid:
         total = n_items * m * n
         block = 1024
         fold_splits_kernel[(triton.cdiv(total, block),)](
-            partials, g, rhs32, out, m * n, total, SPLITS=splits, HAS_GLOBAL=global_scale is not None, BLOCK=block,
+            partials, g, rhs32, out, m * n, total, SPLITS=splits, HAS_GLOBAL=global_scale is not None,
+            INDEXED=indexed, BLOCK=block,
         )
     return out.to(out_dtype)
