@@ -104,3 +104,31 @@ def round_to(value, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         return value
     else:
         return value.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _select(j: tl.constexpr, w0, w1, w2, w3, w4):
+    if j == 0:
+        return w0
+    elif j == 1:
+        return w1
+    elif j == 2:
+        return w2
+    elif j == 3:
+        return w3
+    else:
+        return w4
+
+
+@triton.jit
+def slot_codes(w0, w1, w2, w3, w4, SLOT: tl.constexpr, BITS: tl.constexpr):
+    """Code number SLOT of every pack, given the pack's word planes w0..w4 (uint32 tiles; unused planes repeat w0).
+
+    The word(s) a slot lives in and its shift are compile-time constants."""
+    lo = _select(SLOT * BITS // 32, w0, w1, w2, w3, w4)
+    if (SLOT * BITS + BITS - 1) // 32 == SLOT * BITS // 32:
+        return ((lo >> (SLOT * BITS % 32)) & ((1 << BITS) - 1)).to(tl.int32)
+    else:  # straddles two words
+        hi = _select((SLOT * BITS + BITS - 1) // 32, w0, w1, w2, w3, w4)
+        window = (lo >> (SLOT * BITS % 32)) | (hi << (32 - SLOT * BITS % 32))
+        return (window & ((1 << BITS) - 1)).to(tl.int32)

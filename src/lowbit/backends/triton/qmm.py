@@ -21,9 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import e2m1_value, e4m3_value, e8m0_value, pack_geometry, pack_group_tile, round_to, unpack_tile
+from .decode import (
+    e2m1_value, e4m3_value, e8m0_value, pack_geometry, pack_group_tile, round_to, slot_codes, unpack_tile,
+)
 
-BLOCK_K = 128  # a multiple of every group size and pack
+PACKS_PER_BLOCK = 16  # transpose=True: a K block is 16 packs, so each slot's dot has K = 16
+BLOCK_K_NN = 128  # transpose=False: K rows per block
+
+
+def block_k(bits: int, transpose: bool) -> int:
+    """The K block of the canonical reduction: a function of the format and layout only."""
+    return PACKS_PER_BLOCK * pack_geometry(bits)[0] if transpose else BLOCK_K_NN
 MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 TARGET_PROGRAMS = 264  # about two waves on a 132-SM Hopper; a constant, so the split never depends on the device
@@ -62,6 +70,48 @@ def _weight_tile(w_base, s_base, b_base, rows, row_mask, code_start, n_codes,
         bias = scale
     values = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
     return tl.reshape(values, (R, C))
+
+
+@triton.jit
+def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, offs_n, n_mask,
+              sx_m, sx_k, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+              MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
+              SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, PACKS: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """One K block of a transpose=True product (w is (N, K), codes along K): PACKS packs of every row.
+
+    Every word is loaded once as 2-D planes; each of the PER_PACK code slots of a pack is a (N, PACKS) weight tile
+    against the matching strided (PACKS, M) slice of x, one tensor-core dot per slot, in slot order. That is the
+    K reduction of this format (fixed by the format, N and K; never by M)."""
+    pack = (kb * PACKS + tl.arange(0, PACKS)).to(tl.int64)
+    pack_mask = pack * PER_PACK < K
+    mask = n_mask[:, None] & pack_mask[None, :]
+    row = w_base + offs_n[:, None] * sw_r
+    w0 = tl.load(row + (pack * WORDS)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    w4 = w0
+    if WORDS > 1:
+        w1 = tl.load(row + (pack * WORDS + 1)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(row + (pack * WORDS + 2)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    if WORDS > 3:
+        w3 = tl.load(row + (pack * WORDS + 3)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w4 = tl.load(row + (pack * WORDS + 4)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    group = (pack * PER_PACK // GS)[None, :]
+    scale = tl.load(s_base + offs_n[:, None] * ss_r + group * ss_c, mask=mask, other=0)
+    if MODE == 0:
+        bias = tl.load(b_base + offs_n[:, None] * sb_r + group * sb_c, mask=mask, other=0)
+    else:
+        bias = scale
+    x_rows = x_base + offs_m[None, :] * sx_m
+    x_mask = pack_mask[:, None] & m_mask[None, :]
+    for slot in tl.static_range(PER_PACK):
+        codes = slot_codes(w0, w1, w2, w3, w4, slot, BITS)
+        w = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
+        x_t = tl.load(x_rows + (pack * PER_PACK + slot)[:, None] * sx_k, mask=x_mask, other=0.0)
+        partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
+    return partial
 
 
 @triton.jit
@@ -118,19 +168,20 @@ def qmm_kernel(
     for s in range(first, last):
         partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_blocks)):
-            offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-            k_mask = offs_k < K
-            x_t = tl.load(x_base + offs_k[:, None] * sx_k + offs_m[None, :] * sx_m,
-                          mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-            if TRANSPOSE:  # w is (N, K): rows are outputs, codes run along K
-                w = _weight_tile(w_base, s_base, b_base, offs_n, n_mask, kb * BLOCK_K, K,
-                                 sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_N, BLOCK_K, MODE, BITS, GS,
-                                 PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE, INTERPRET)
+            if TRANSPOSE:
+                partial = _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, offs_n, n_mask,
+                                    sx_m, sx_k, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                                    MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE, PRECISION,
+                                    BLOCK_K // PER_PACK, INTERPRET)
             else:  # w is (K, N): rows run along K, codes along N
+                offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+                k_mask = offs_k < K
+                x_t = tl.load(x_base + offs_k[:, None] * sx_k + offs_m[None, :] * sx_m,
+                              mask=k_mask[:, None] & m_mask[None, :], other=0.0)
                 w = tl.trans(_weight_tile(w_base, s_base, b_base, offs_k, k_mask, pid_n * BLOCK_N, N,
                                           sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_K, BLOCK_N, MODE, BITS, GS,
                                           PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE, INTERPRET))
-            partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
+                partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
         total = total + partial
 
     mask = n_mask[:, None] & m_mask[None, :]
@@ -162,11 +213,12 @@ def fold_splits_kernel(part_ptr, g_ptr, rhs_ptr, out_ptr, MN, total_elems,
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def k_splits(n: int, k: int) -> int:
-    """SPLITS for a weight of N outputs and K inputs: enough programs to fill the GPU at M = 1, at least two
-    K blocks per split. A function of (N, K) only: this is what makes every M reduce the same way."""
+def k_splits(n: int, k: int, block: int) -> int:
+    """SPLITS for a weight of N outputs and K inputs in K blocks of `block`: enough programs to fill the GPU at
+    M = 1, at least four K blocks per split. A function of (N, K, format) only: this is what makes every M reduce
+    the same way."""
     n_tiles = -(-n // 128)
-    k_blocks = -(-k // BLOCK_K)
+    k_blocks = -(-k // block)
     splits = 1
     while n_tiles * splits < TARGET_PROGRAMS and k_blocks >= 4 * splits and splits < MAX_SPLITS:
         splits *= 2
@@ -223,7 +275,8 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     if k == 0:
         return out.zero_()
     weight_dtype, dot = _weight_and_dot_dtypes(mode, x.dtype, scales, biases)
-    splits = k_splits(n, k)
+    bk = block_k(bits, transpose)
+    splits = k_splits(n, k, bk)
     block_m, block_n, warps, stages, split_in_grid = _tile_config(m, transpose)
     per_pack, words, words_pow2 = pack_geometry(bits)
     split_in_grid = split_in_grid and splits > 1
@@ -241,7 +294,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, INDEXED=indexed, INTERPRET=_interpreting(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, INDEXED=indexed, INTERPRET=_interpreting(),
         num_warps=warps, num_stages=stages,
     )
     if split_in_grid:
