@@ -235,6 +235,10 @@ def _tile_config(m: int, transpose: bool):
     transpose=False tiles N by whole groups and packs: BLOCK_N = 128."""
     if _interpreting():
         return 16, 128, 4, 1, True
+    override = os.environ.get("LOWBIT_QMM_TILE")  # "BLOCK_M,BLOCK_N,num_warps,num_stages": a tuning knob for benchmarks
+    if override:
+        bm, bn, warps, stages = (int(v) for v in override.split(","))
+        return bm, bn, warps, stages, bm <= 64
     if m <= 16:
         return 16, 128 if not transpose else 64, 4, 4, True
     if m <= 64:
