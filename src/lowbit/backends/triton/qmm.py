@@ -29,9 +29,10 @@ PACKS_PER_BLOCK = 16  # transpose=True: a K block is 16 packs, so each slot's do
 BLOCK_K_NN = 128  # transpose=False: K rows per block
 
 
-def block_k(bits: int, transpose: bool) -> int:
-    """The K block of the canonical reduction: a function of the format and layout only."""
-    return PACKS_PER_BLOCK * pack_geometry(bits)[0] if transpose else BLOCK_K_NN
+def block_k(bits: int, group_size: int, transpose: bool) -> int:
+    """The K block of the canonical reduction: a function of the format and layout only (at least 16 packs and
+    one whole group)."""
+    return max(PACKS_PER_BLOCK * pack_geometry(bits)[0], group_size) if transpose else BLOCK_K_NN
 MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 TARGET_PROGRAMS = 264  # about two waves on a 132-SM Hopper; a constant, so the split never depends on the device
@@ -74,15 +75,16 @@ def _weight_tile(w_base, s_base, b_base, rows, row_mask, code_start, n_codes,
 
 @triton.jit
 def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, offs_n, n_mask,
-              sx_m, sx_k, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+              sx_m, sx_slot, sx_pack, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
               MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
               SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, PACKS: tl.constexpr,
-              INTERPRET: tl.constexpr):
+              GROUPS: tl.constexpr, INTERPRET: tl.constexpr):
     """One K block of a transpose=True product (w is (N, K), codes along K): PACKS packs of every row.
 
-    Every word is loaded once as 2-D planes; each of the PER_PACK code slots of a pack is a (N, PACKS) weight tile
-    against the matching strided (PACKS, M) slice of x, one tensor-core dot per slot, in slot order. That is the
-    K reduction of this format (fixed by the format, N and K; never by M)."""
+    Every word is loaded once, as 2-D word planes; each of the PER_PACK code slots of a pack is an (N, PACKS)
+    weight tile against the same slot of x, which the launcher stored slot-major so the slice is contiguous; one
+    tensor-core dot per slot, in slot order. That is this format's K reduction (fixed by format, N and K; never M).
+    Scales and biases are loaded once per group and repeated over the group's packs in registers."""
     pack = (kb * PACKS + tl.arange(0, PACKS)).to(tl.int64)
     pack_mask = pack * PER_PACK < K
     mask = n_mask[:, None] & pack_mask[None, :]
@@ -98,18 +100,23 @@ def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, of
     if WORDS > 3:
         w3 = tl.load(row + (pack * WORDS + 3)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
         w4 = tl.load(row + (pack * WORDS + 4)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    group = (pack * PER_PACK // GS)[None, :]
-    scale = tl.load(s_base + offs_n[:, None] * ss_r + group * ss_c, mask=mask, other=0)
+    group = kb * GROUPS + tl.arange(0, GROUPS)
+    g_mask = n_mask[:, None] & (group * GS < K)[None, :]
+    scale = tl.load(s_base + offs_n[:, None] * ss_r + group[None, :] * ss_c, mask=g_mask, other=0)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (scale.shape[0], GROUPS, PACKS // GROUPS)),
+                       (scale.shape[0], PACKS))
     if MODE == 0:
-        bias = tl.load(b_base + offs_n[:, None] * sb_r + group * sb_c, mask=mask, other=0)
+        bias = tl.load(b_base + offs_n[:, None] * sb_r + group[None, :] * sb_c, mask=g_mask, other=0)
+        bias = tl.reshape(tl.broadcast_to(bias[:, :, None], (bias.shape[0], GROUPS, PACKS // GROUPS)),
+                          (bias.shape[0], PACKS))
     else:
         bias = scale
-    x_rows = x_base + offs_m[None, :] * sx_m
+    x_tile = x_base + pack[:, None] * sx_pack + offs_m[None, :] * sx_m
     x_mask = pack_mask[:, None] & m_mask[None, :]
     for slot in tl.static_range(PER_PACK):
         codes = slot_codes(w0, w1, w2, w3, w4, slot, BITS)
         w = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
-        x_t = tl.load(x_rows + (pack * PER_PACK + slot)[:, None] * sx_k, mask=x_mask, other=0.0)
+        x_t = tl.load(x_tile + slot * sx_slot, mask=x_mask, other=0.0)
         partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
     return partial
 
@@ -118,7 +125,7 @@ def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, of
 def qmm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, out_ptr, part_ptr,
     M, N, K, n_items,
-    sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
+    sx_b, sx_m, sx_k, sx_slot, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -170,9 +177,9 @@ def qmm_kernel(
         for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_blocks)):
             if TRANSPOSE:
                 partial = _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, offs_n, n_mask,
-                                    sx_m, sx_k, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                                    sx_m, sx_slot, sx_k, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
                                     MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE, PRECISION,
-                                    BLOCK_K // PER_PACK, INTERPRET)
+                                    BLOCK_K // PER_PACK, BLOCK_K // GS, INTERPRET)
             else:  # w is (K, N): rows run along K, codes along N
                 offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
                 k_mask = offs_k < K
@@ -279,7 +286,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     if k == 0:
         return out.zero_()
     weight_dtype, dot = _weight_and_dot_dtypes(mode, x.dtype, scales, biases)
-    bk = block_k(bits, transpose)
+    bk = block_k(bits, group_size, transpose)
     splits = k_splits(n, k, bk)
     block_m, block_n, warps, stages, split_in_grid = _tile_config(m, transpose)
     per_pack, words, words_pow2 = pack_geometry(bits)
@@ -290,10 +297,15 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     g = global_scale if global_scale is not None else scales
     lhs32, rhs32 = (lhs.to(torch.int32), rhs.to(torch.int32)) if indexed else (scales, scales)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * n_items * (splits if split_in_grid else 1),)
+    if transpose:  # x stored slot-major, (Bx, M, PER_PACK, K / PER_PACK): each code slot's x is contiguous
+        x = x.reshape(*x.shape[:-1], k // per_pack, per_pack).transpose(-1, -2).contiguous()
+        x_strides = (x.stride(0), x.stride(1), x.stride(3), x.stride(2))
+    else:
+        x_strides = (*x.stride(), 0)
     qmm_kernel[grid](
         x, w_q.view(torch.int32), scales, b, g, lhs32, rhs32, out, partials,
         m, n, k, n_items,
-        *x.stride(), *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
+        *x_strides, *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=global_scale is not None,
         PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
