@@ -1,16 +1,17 @@
 """The quantized matmul kernel: out[i] = x[lhs[i]] @ dequantize(w[rhs[i]]) (.T), every format, any M, N, K.
 
 One kernel serves quantized_matmul (batch broadcasting arrives as index arrays), gather_qmm and qqmm. It reads
-MLX's layout in place through strides, so stride-0 (expanded) and non-contiguous x, w, scales and biases need no
+MLX's layout in place through strides, so stride-0 (expanded) and non-contiguous w, scales and biases need no
 copies, and it dequantizes each weight tile in registers to exactly the values of `lowbit.dequantize` before a
-tensor-core dot.
+tensor-core dot, with the weights on the MMA's M side and the tokens on its N side (decode pads tokens to 16).
 
-Batch invariance, the canonical reduction: K is cut into blocks of BLOCK_K = 128; the blocks are grouped into
-SPLITS contiguous partials; each partial starts from zero and accumulates its blocks in order with tl.dot; the
-partials are added left to right (0 + p0 + p1 + ...). BLOCK_K and SPLITS depend on (N, K) only, never on M or the
-batch. Small M runs the partials as separate programs and folds them in a second kernel; large M folds them inside
-one program; both perform the same additions, so a row's bits never depend on M. (Tile shapes and warp counts do
-not change a tl.dot's bits; the K reduction structure does.)
+Batch invariance, the canonical reduction: K is cut into blocks (`block_k`: a function of the format); inside a
+block the products are accumulated in a fixed order of tensor-core dots; the blocks are grouped into SPLITS
+contiguous partials; each partial starts from zero and accumulates its blocks in order; the partials are added left
+to right (0 + p0 + p1 + ...). The block and SPLITS depend on (format, N, K) only, never on M or the batch. Small M
+runs the partials as separate programs and folds them in a second kernel; large M folds them inside one program;
+both perform the same additions, so a row's bits never depend on M. (Tile shapes and warp counts do not change a
+tl.dot's bits; the K reduction structure does.)
 """
 
 from __future__ import annotations
@@ -246,10 +247,10 @@ def _tile_config(m: int, transpose: bool):
     if override:
         bm, bn, warps, stages = (int(v) for v in override.split(","))
         return bm, bn, warps, stages, bm <= 64
-    if m <= 16:
-        return 16, 128 if not transpose else 64, 4, 4, True
+    if m <= 16:  # measured on an H200 (benchmarks/tile_sweep.sh): BLOCK_N 128, 3 stages best or near best
+        return 16, 128, 4, 3, True
     if m <= 64:
-        return 64, 128, 4, 4, True
+        return 64, 128, 4, 3, True
     return 128, 128, 8, 3, False
 
 
