@@ -21,6 +21,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .decode import (
     e2m1_value, e4m3_value, e8m0_value, pack_geometry, pack_group_tile, round_to, slot_codes, unpack_tile,
@@ -273,6 +274,27 @@ def _weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dt
     return weight, dot
 
 
+_FITTING_STAGES: dict[tuple, int] = {}
+
+
+def _launch_fitting(grid, stages: int, args: tuple, meta: dict) -> None:
+    """Launch qmm_kernel with the deepest software pipeline (num_stages <= stages) that fits in shared memory.
+
+    The pipeline depth changes only when loads are issued, never the arithmetic, so the bits do not depend on it."""
+    key = tuple(sorted((k, str(v)) for k, v in meta.items()))
+    stages = _FITTING_STAGES.get(key, stages)
+    while True:
+        try:
+            qmm_kernel[grid](*args, **meta, num_stages=stages)
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+            continue
+        _FITTING_STAGES[key] = stages
+        return
+
+
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
                sorted_indices=False):
     """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) or both None (one product) -> (I, M, N)."""
@@ -303,17 +325,17 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         x_strides = (x.stride(0), x.stride(1), x.stride(3), x.stride(2))
     else:
         x_strides = (*x.stride(), 0)
-    qmm_kernel[grid](
+    _launch_fitting(grid, stages, (
         x, w_q.view(torch.int32), scales, b, g, lhs32, rhs32, out, partials,
         m, n, k, n_items,
         *x_strides, *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
+    ), dict(
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=global_scale is not None,
         PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, INDEXED=indexed, INTERPRET=_interpreting(),
-        num_warps=warps, num_stages=stages,
-    )
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, INDEXED=indexed, INTERPRET=_interpreting(), num_warps=warps,
+    ))
     if split_in_grid:
         total = n_items * m * n
         block = 1024
