@@ -8,7 +8,6 @@ product with the weight dequantized in float32. A row that fails says MISMATCH a
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import platform
 import statistics
@@ -37,15 +36,13 @@ MS = (1, 16, 128)
 QUICK_MS = (1, 16)
 
 WEIGHT_DTYPE = torch.bfloat16  # weights are quantized from bf16, so affine scales and biases are bf16 (MLX checkpoints)
-X_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
+X_DTYPES = {"cpu": torch.float32}
 RTOL = 1e-3
 
 CPU_BUDGET_S = 0.4  # timed repeats per call after the warm-up call
 QUICK_CPU_BUDGET_S = 0.15
 MAX_REPEATS = 25
 SINGLE_SHOT_S = 2.0  # a warm-up call slower than this is the one sample (first-call overhead is milliseconds)
-CUDA_WARMUP = 5
-CUDA_REPEATS = 50
 
 COLUMNS = ("format", "M", "N", "K", "lowbit µs", "MLX µs", "fp32 µs", "bf16 µs", "GB/s", "GFLOP/s", "vs MLX",
            "vs fp32", "rel err", "check")
@@ -126,35 +123,15 @@ def cpu_times(call: Callable[[], object], first_s: float, budget_s: float) -> li
     return times
 
 
-def cuda_times(call: Callable[[int], object], n_copies: int) -> list[float]:
-    """Seconds per call from CUDA events, rotating over n_copies input sets so that weights are not served by L2."""
-    for i in range(CUDA_WARMUP):
-        call(i % n_copies)
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(CUDA_REPEATS)]
-    for i, (start, end) in enumerate(events):
-        start.record()
-        call(i % n_copies)
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) / 1e3 for start, end in events]
-
-
 def median_us(call: Callable[[int], object], device: torch.device, n_copies: int, first_s: float,
               budget_s: float) -> float:
-    """Median microseconds per call of call(copy_index), timed as suits the device."""
-    if device.type == "cuda":
-        times = cuda_times(call, n_copies)
-    else:
-        times = cpu_times(lambda: call(0), first_s, budget_s)
-    return statistics.median(times) * 1e6
+    """Median microseconds per call of call(copy_index) on the CPU."""
+    return statistics.median(cpu_times(lambda: call(0), first_s, budget_s)) * 1e6
 
 
 def copy_count(device: torch.device, nbytes: int) -> int:
-    """Input sets to rotate over: one on the CPU; on CUDA enough that together they are twice the L2 cache."""
-    if device.type != "cuda":
-        return 1
-    return max(1, math.ceil(2 * torch.cuda.get_device_properties(device).L2_cache_size / nbytes))
+    """Input sets to rotate over: one on the CPU (the GPU bench, bench_cuda.py, rotates its own)."""
+    return 1
 
 
 def replicate(tensors: tuple, count: int) -> list[tuple]:
@@ -312,13 +289,12 @@ def header(device: torch.device, quick: bool, started: datetime.datetime, load_b
     """Start time, machine, load, versions, threads and what each column means."""
     x_dtype, w_dtype = (str(t).removeprefix("torch.") for t in (X_DTYPES[device.type], WEIGHT_DTYPE))
     machine = platform.processor() or platform.machine()
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    gpu = ""
     mlx_note = "MLX's CPU kernel on the same packed bytes" if mx is not None else "MLX not installed: no MLX columns"
     if mx is not None and device.type != "cpu":
         mlx_note = "MLX runs on the CPU here: its result is the check, its time is not reported"
     check = "lowbit vs MLX" if mx is not None else "lowbit vs float64 x @ dequantize(w).T (no MLX)"
-    timing = ("CUDA events, median, inputs rotated past 2x L2" if device.type == "cuda" else
-              f"perf_counter, median after one warm-up call (a call over {SINGLE_SHOT_S:.0f} s is timed once)")
+    timing = f"perf_counter, median after one warm-up call (a call over {SINGLE_SHOT_S:.0f} s is timed once)"
     return [
         f"started: {started.isoformat(timespec='seconds')}; device: {device}; "
         f"plan: {'quick' if quick else 'full'}",
@@ -366,8 +342,12 @@ def main(device: str = "cpu", quick: bool = False, output: str | None = None) ->
     from tqdm import tqdm
 
     dev = torch.device(device)
-    if dev.type not in X_DTYPES or (dev.type == "cuda" and not torch.cuda.is_available()):
-        print(f"lowbit bench: device {device!r} is not available here (cpu, or cuda with a GPU).")
+    if dev.type == "cuda":
+        from .bench_cuda import main as cuda_main
+
+        return cuda_main(quick=quick, output=output)
+    if dev.type != "cpu":
+        print(f"lowbit bench: device {device!r} is not supported (cpu, or cuda with a GPU).")
         return 1
     todo = plan(quick)
     started, load_before, start = datetime.datetime.now(), os.getloadavg()[0], time.perf_counter()
