@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import lowbit  # noqa: E402
+from lowbit.mlx_interop import from_mlx, to_mlx  # noqa: E402
 
 try:  # MLX 0.32.4 is the oracle; the GPU machine has no MLX and runs only the tests that need none
     import mlx.core as mx
@@ -23,25 +23,7 @@ TORCH_TO_MX = {} if mx is None else {torch.float32: mx.float32, torch.float16: m
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def to_mx(t: torch.Tensor | None):
-    """torch -> mlx, bit-exact (uint32 and bfloat16 included)."""
-    if t is None:
-        return None
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
-    if t.dtype == torch.uint32:
-        return mx.array(t.view(torch.int32).numpy().view(np.uint32))
-    return mx.array(t.numpy())
-
-
-def to_torch(a) -> torch.Tensor:
-    """mlx -> torch, bit-exact."""
-    if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
-    if a.dtype == mx.uint32:
-        return torch.from_numpy(np.array(a).view(np.int32)).view(torch.uint32)
-    return torch.from_numpy(np.array(a))
+to_mx, to_torch = to_mlx, from_mlx  # bit-exact torch <-> MLX (lowbit.mlx_interop)
 
 
 def quantize3(w, group_size=None, bits=None, mode="affine", **kw):

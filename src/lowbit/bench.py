@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 import lowbit
+from lowbit.mlx_interop import from_mlx as to_torch
+from lowbit.mlx_interop import to_mlx as to_mx
 
 try:
     import mlx.core as mx
@@ -143,28 +144,6 @@ def replicate(tensors: tuple, count: int) -> list[tuple]:
 def nbytes(*tensors) -> int:
     """Total storage bytes of the tensors (None counts zero)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-# --- MLX conversion (as tests/conftest.py) ---------------------------------------------------------------------
-
-
-def to_mx(t: torch.Tensor | None):
-    """torch -> mlx, bit-exact (uint32 and bfloat16 included)."""
-    if t is None:
-        return None
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
-    if t.dtype == torch.uint32:
-        return mx.array(t.view(torch.int32).numpy().view(np.uint32))
-    return mx.array(t.numpy())
-
-
-def to_torch(a) -> torch.Tensor:
-    """mlx -> torch, bit-exact."""
-    if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
 
 
 # --- the measured calls ------------------------------------------------------------------------------------------
