@@ -132,3 +132,19 @@ def slot_codes(w0, w1, w2, w3, w4, SLOT: tl.constexpr, BITS: tl.constexpr):
         hi = _select((SLOT * BITS + BITS - 1) // 32, w0, w1, w2, w3, w4)
         window = (lo >> (SLOT * BITS % 32)) | (hi << (32 - SLOT * BITS % 32))
         return (window & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def slot_codes_runtime(w0, w1, w2, w3, w4, slot, BITS: tl.constexpr):
+    """slot_codes with a run-time slot: the same codes, with the word choice made by selects. Used where unrolling
+    every slot would make the kernel slow to compile (float32 operands)."""
+    bit = slot * BITS
+    lo_index = bit // 32
+    hi_index = (bit + BITS - 1) // 32
+    shift = (bit % 32).to(tl.uint32)
+    lo = tl.where(lo_index == 0, w0, tl.where(lo_index == 1, w1, tl.where(lo_index == 2, w2,
+                  tl.where(lo_index == 3, w3, w4))))
+    hi = tl.where(hi_index == 0, w0, tl.where(hi_index == 1, w1, tl.where(hi_index == 2, w2,
+                  tl.where(hi_index == 3, w3, w4))))
+    window = lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)
+    return ((window >> shift.to(tl.uint64)) & ((1 << BITS) - 1)).to(tl.int32)

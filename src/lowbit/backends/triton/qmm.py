@@ -24,7 +24,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .decode import (
-    e2m1_value, e4m3_value, e8m0_value, pack_geometry, pack_group_tile, round_to, slot_codes, unpack_tile,
+    e2m1_value, e4m3_value, e8m0_value, pack_geometry, pack_group_tile, round_to, slot_codes, slot_codes_runtime,
+    unpack_tile,
 )
 
 PACKS_PER_BLOCK = 16  # transpose=True: a K block is 16 packs, so each slot's dot has K = 16
@@ -80,7 +81,7 @@ def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, of
               sx_m, sx_slot, sx_pack, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
               MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
               SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, PACKS: tl.constexpr,
-              GROUPS: tl.constexpr, INTERPRET: tl.constexpr):
+              GROUPS: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr):
     """One K block of a transpose=True product (w is (N, K), codes along K): PACKS packs of every row.
 
     Every word is loaded once, as 2-D word planes; each of the PER_PACK code slots of a pack is an (N, PACKS)
@@ -115,11 +116,18 @@ def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, of
         bias = scale
     x_tile = x_base + pack[:, None] * sx_pack + offs_m[None, :] * sx_m
     x_mask = pack_mask[:, None] & m_mask[None, :]
-    for slot in tl.static_range(PER_PACK):
-        codes = slot_codes(w0, w1, w2, w3, w4, slot, BITS)
-        w = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
-        x_t = tl.load(x_tile + slot * sx_slot, mask=x_mask, other=0.0)
-        partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
+    if not UNROLL_SLOTS:  # a run-time slot loop: same arithmetic, much shorter compile for three-pass float32 dots
+        for slot in range(PER_PACK):
+            codes = slot_codes_runtime(w0, w1, w2, w3, w4, slot, BITS)
+            w = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET)
+            x_t = tl.load(x_tile + slot * sx_slot, mask=x_mask, other=0.0)
+            partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
+    else:
+        for slot in tl.static_range(PER_PACK):
+            codes = slot_codes(w0, w1, w2, w3, w4, slot, BITS)
+            w = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
+            x_t = tl.load(x_tile + slot * sx_slot, mask=x_mask, other=0.0)
+            partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
     return partial
 
 
@@ -132,7 +140,7 @@ def qmm_kernel(
     PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INDEXED: tl.constexpr, INTERPRET: tl.constexpr,
+    INDEXED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One (BLOCK_N weights x BLOCK_M tokens) tile of one gathered item, over all of K or one split of it.
 
@@ -181,7 +189,7 @@ def qmm_kernel(
                 partial = _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, offs_n, n_mask,
                                     sx_m, sx_slot, sx_k, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
                                     MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE, PRECISION,
-                                    BLOCK_K // PER_PACK, BLOCK_K // GS, INTERPRET)
+                                    BLOCK_K // PER_PACK, BLOCK_K // GS, UNROLL_SLOTS, INTERPRET)
             else:  # w is (K, N): rows run along K, codes along N
                 offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
                 k_mask = offs_k < K
@@ -269,8 +277,6 @@ def _weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dt
         weight = torch.float32
         exact = x_dtype == torch.bfloat16 or (x_dtype == torch.float16 and mode == "nvfp4")
         dot = x_dtype if exact else torch.float32
-    if dot == torch.bfloat16 and _interpreting():  # the interpreter's tl.dot misreads bfloat16; float32 is exact
-        dot = torch.float32
     return weight, dot
 
 
@@ -309,6 +315,9 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     if k == 0:
         return out.zero_()
     weight_dtype, dot = _weight_and_dot_dtypes(mode, x.dtype, scales, biases)
+    unroll_slots = dot != torch.float32  # float32 (three-pass) dots loop over code slots at run time
+    if dot == torch.bfloat16 and _interpreting():  # the interpreter's tl.dot misreads bfloat16; float32 is exact
+        dot = torch.float32
     bk = block_k(bits, group_size, transpose)
     splits = k_splits(n, k, bk)
     block_m, block_n, warps, stages, split_in_grid = _tile_config(m, transpose)
@@ -334,7 +343,8 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, INDEXED=indexed, INTERPRET=_interpreting(), num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, INDEXED=indexed, UNROLL_SLOTS=unroll_slots,
+        INTERPRET=_interpreting(), num_warps=warps,
     ))
     if split_in_grid:
         total = n_items * m * n
