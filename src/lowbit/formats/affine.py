@@ -31,7 +31,9 @@ def quantize_affine(w: torch.Tensor, group_size: int, bits: int) -> tuple[torch.
         scale = torch.clamp_min(hi - lo, EPS)
         bias = lo
     else:
-        scale = torch.clamp_min((hi - lo) / n, EPS)
+        # divide by a tensor: torch on CUDA turns division by a Python number into a multiply by its reciprocal,
+        # which rounds differently from MLX's (and the CPU's) true division
+        scale = torch.clamp_min((hi - lo) / torch.full_like(hi, n), EPS)
         edge_is_min = lo.abs() > hi.abs()
         edge = torch.where(edge_is_min, lo, hi)
         scale = torch.where(edge_is_min, scale, -scale)

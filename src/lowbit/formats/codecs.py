@@ -68,9 +68,13 @@ def e4m3_decode(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def e8m0_exponent_ceil(s: torch.Tensor) -> torch.Tensor:
-    """Smallest e with 2**e >= s, for s > 0 (float32); 0 where s == 0. MLX computes ceil(log2(s)) in float32."""
+    """ceil(log2(s)) with log2 rounded to float32, as MLX computes it; 0 where s == 0.
+
+    The logarithm is taken in float64 and rounded once to float32, which is the correctly rounded float32 log2 on
+    every device (float32 log2 implementations differ by an ulp between CPU and CUDA, which can move the ceiling
+    when s is just above a power of two)."""
     s = s.float()
-    e = torch.ceil(torch.log2(s))
+    e = torch.ceil(torch.log2(s.double()).float())
     return torch.where(s == 0, torch.zeros_like(e), e)
 
 

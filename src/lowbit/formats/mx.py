@@ -20,7 +20,8 @@ GROUP_SIZE = 32
 def quantize_mx(w: torch.Tensor, mode: str, ties_to_even: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., K) float -> (w_q uint32 (..., K*bits/32), scales uint8 (..., K/32))."""
     g = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP_SIZE, GROUP_SIZE)
-    s = g.abs().amax(-1) / ELEMENT_MAX[mode]  # rounded to w's dtype, as MLX
+    amax = g.abs().amax(-1)
+    s = amax / torch.full_like(amax, ELEMENT_MAX[mode])  # a true division rounded to w's dtype, as MLX (see affine)
     exponent = codecs.e8m0_exponent_ceil(s)
     finite = torch.isfinite(g).all(-1)
     exponent = torch.where(finite, exponent, torch.zeros_like(exponent))

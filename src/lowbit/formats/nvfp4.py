@@ -18,7 +18,8 @@ TENSOR_SCALE_RANGE = codecs.E4M3_MAX * codecs.E2M1_MAX  # 2688
 
 def tensor_decode_scale(global_scale: torch.Tensor) -> torch.Tensor:
     """MLX `global_scale` (the tensor amax) -> the float32 factor that block scales are multiplied by on decode."""
-    return global_scale.float().reshape(()) / TENSOR_SCALE_RANGE
+    g = global_scale.float().reshape(())
+    return g / torch.full_like(g, TENSOR_SCALE_RANGE)  # a true division on every device (see affine.py)
 
 
 def quantize_nvfp4(
@@ -30,7 +31,8 @@ def quantize_nvfp4(
     A block holding NaN or +-inf gets the e4m3 NaN scale (0x7F), so it dequantizes to NaN, and codes 0.
     """
     g = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP_SIZE, GROUP_SIZE)
-    s = (g.abs().amax(-1) / codecs.E2M1_MAX).float()  # rounded to w's dtype first, as MLX
+    amax = g.abs().amax(-1)
+    s = (amax / torch.full_like(amax, codecs.E2M1_MAX)).float()  # a true division rounded to w's dtype, as MLX
     # MLX's exact arithmetic: encode = 1 / (global_scale / 2688) in float32, then multiply.
     encode = None if global_scale is None else 1.0 / tensor_decode_scale(global_scale)
     scale_bytes = codecs.e4m3_encode(s if encode is None else s * encode)
