@@ -135,6 +135,23 @@ class _GatherQMM(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None, None, None, None
 
 
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    """torch.matmul-style broadcast of two batch shapes, None if they do not broadcast (a plain-Python twin of
+    torch.broadcast_shapes, which costs tens of microseconds per call)."""
+    if a == b or not b:
+        return tuple(a)
+    if not a:
+        return tuple(b)
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for i, j in zip(a, b):
+        if i != j and 1 not in (i, j):
+            return None
+        out.append(j if i == 1 else i)
+    return tuple(out)
+
+
 def _reject_weight_grads(op: str, wt: _Weight) -> None:
     for name in ("scales", "biases", "global_scale"):
         t = getattr(wt, name)
@@ -150,22 +167,29 @@ def _gathered(op, x_flat, wt: _Weight, lhs, rhs_original, out_dtype, sorted_indi
     if rhs_original is None:
         w, s, b = (None if t is None else t.unsqueeze(0) for t in (wt.w, wt.scales, wt.biases))
         g = None if wt.global_scale is None else wt.global_scale.reshape(1)
-        return _GatherQMM.apply(x_flat, w, s, b, g, None, None, wt, out_dtype, sorted_indices)
+        return _apply(x_flat, w, s, b, g, None, None, wt, out_dtype, sorted_indices)
     w, s, b, g, index_map = _collapsed_weight(wt)
     rhs = index_map[rhs_original]
-    return _GatherQMM.apply(x_flat, w, s, b, g, lhs, rhs, wt, out_dtype, sorted_indices)
+    return _apply(x_flat, w, s, b, g, lhs, rhs, wt, out_dtype, sorted_indices)
+
+
+def _apply(x, w, scales, biases, global_scale, lhs, rhs, wt: _Weight, out_dtype, sorted_indices):
+    """Through autograd only when a gradient is wanted (the Function costs tens of microseconds per call)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherQMM.apply(x, w, scales, biases, global_scale, lhs, rhs, wt, out_dtype, sorted_indices)
+    return backend_for("quantized_matmul", x.device).gather_qmm(
+        x, w, scales, biases, global_scale, lhs, rhs, wt.transpose, wt.spec.name, wt.group_size, wt.bits, out_dtype,
+        sorted_indices,
+    )
 
 
 def _matmul(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype) -> torch.Tensor:
     """x (..., K) times the (broadcast) batched weight, torch.matmul broadcasting rules."""
     x2 = x.unsqueeze(0) if x.ndim == 1 else x
-    x_batch, w_batch = x2.shape[:-2], wt.w.shape[:-2]
-    try:
-        batch = torch.broadcast_shapes(x_batch, w_batch)
-    except RuntimeError:
-        raise ValueError(
-            f"[{op}] The batch dimensions of x {tuple(x_batch)} and w {tuple(w_batch)} cannot be broadcast together."
-        ) from None
+    x_batch, w_batch = tuple(x2.shape[:-2]), tuple(wt.w.shape[:-2])
+    batch = _broadcast(x_batch, w_batch)
+    if batch is None:
+        raise ValueError(f"[{op}] The batch dimensions of x {x_batch} and w {w_batch} cannot be broadcast together.")
     device = x.device
     if batch:
         lhs = torch.arange(checks.prod(x_batch), device=device).reshape(x_batch).expand(batch).reshape(-1)
@@ -227,12 +251,11 @@ def _gather(op, x, wt: _Weight, lhs_indices, rhs_indices, out_dtype, sorted_indi
     x_batch, w_batch = x.shape[:-2], wt.w.shape[:-2]
     lhs = _indices(op, "lhs_indices", lhs_indices, x_batch, x.device)
     rhs = _indices(op, "rhs_indices", rhs_indices, w_batch, x.device)
-    try:
-        batch = torch.broadcast_shapes(lhs.shape, rhs.shape)
-    except RuntimeError:
+    batch = _broadcast(tuple(lhs.shape), tuple(rhs.shape))
+    if batch is None:
         raise ValueError(
             f"[{op}] lhs_indices {tuple(lhs.shape)} and rhs_indices {tuple(rhs.shape)} cannot be broadcast together."
-        ) from None
+        )
     m = x.shape[-2]
     out = _gathered(
         op, x.reshape(-1, m, wt.k), wt, lhs.expand(batch).reshape(-1), rhs.expand(batch).reshape(-1), out_dtype,

@@ -287,7 +287,7 @@ def _launch_fitting(grid, stages: int, args: tuple, meta: dict) -> None:
     """Launch qmm_kernel with the deepest software pipeline (num_stages <= stages) that fits in shared memory.
 
     The pipeline depth changes only when loads are issued, never the arithmetic, so the bits do not depend on it."""
-    key = tuple(sorted((k, str(v)) for k, v in meta.items()))
+    key = tuple(meta.values())  # the dict is always built in the same order
     stages = _FITTING_STAGES.get(key, stages)
     while True:
         try:
