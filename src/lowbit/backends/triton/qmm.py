@@ -36,6 +36,8 @@ def block_k(bits: int, group_size: int, transpose: bool) -> int:
     """The K block of the canonical reduction: a function of the format and layout only (at least 16 packs and
     one whole group)."""
     return max(PACKS_PER_BLOCK * pack_geometry(bits)[0], group_size) if transpose else BLOCK_K_NN
+
+
 MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 TARGET_PROGRAMS = 264  # about two waves on a 132-SM Hopper; a constant, so the split never depends on the device
@@ -119,7 +121,7 @@ def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, of
     if not UNROLL_SLOTS:  # a run-time slot loop: same arithmetic, much shorter compile for three-pass float32 dots
         for slot in range(PER_PACK):
             codes = slot_codes_runtime(w0, w1, w2, w3, w4, slot, BITS)
-            w = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET)
+            w = _values(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
             x_t = tl.load(x_tile + slot * sx_slot, mask=x_mask, other=0.0)
             partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
     else:
