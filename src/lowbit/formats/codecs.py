@@ -43,7 +43,8 @@ def e2m1_encode(q: torch.Tensor, ties_to_even: bool = True) -> torch.Tensor:
 def e2m1_decode(nibbles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """e2m1 nibbles (any integer dtype, values 0..15) -> values in `dtype` (all e2m1 values are exact in it)."""
     lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=nibbles.device)
-    return lut[nibbles.long()]
+    flat = torch.index_select(lut, 0, nibbles.reshape(-1).to(torch.int32))  # int32 indices: cheaper than int64
+    return flat.reshape(nibbles.shape)
 
 
 def e4m3_encode(x: torch.Tensor) -> torch.Tensor:

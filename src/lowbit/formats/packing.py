@@ -50,12 +50,16 @@ def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
     if not words.is_contiguous() or (w == 1 and words.stride(-1) != 1):
         # (torch calls a size-1 last dim contiguous whatever its stride, but a dtype view needs stride 1)
         words = torch.empty(words.shape, dtype=words.dtype, device=words.device).copy_(words)
+    if pack_bytes == 1:  # 1/2/4/8 bits: whole codes per byte, shifted out of the bytes themselves (no widening)
+        stream = words.view(torch.uint8)
+        if per_pack == 1:
+            return stream.reshape(*lead, w * 4)
+        mask = (1 << bits) - 1
+        codes = torch.stack([(stream >> (i * bits)) & mask for i in range(per_pack)], dim=-1)
+        return codes.reshape(*lead, w * 32 // bits)
     stream = words.view(torch.uint8).reshape(*lead, w * 4 // pack_bytes, pack_bytes)
-    if pack_bytes == 1:
-        packs = stream.to(torch.int32)
-    else:
-        byte_shifts = torch.arange(pack_bytes, device=words.device, dtype=torch.int64) * 8
-        packs = (stream.to(torch.int64) << byte_shifts).sum(-1, keepdim=True)
+    byte_shifts = torch.arange(pack_bytes, device=words.device, dtype=torch.int64) * 8
+    packs = (stream.to(torch.int64) << byte_shifts).sum(-1, keepdim=True)
     shifts = torch.arange(per_pack, device=words.device, dtype=packs.dtype) * bits
     codes = (packs >> shifts) & ((1 << bits) - 1)
     return codes.to(torch.uint8).reshape(*lead, w * 32 // bits)
