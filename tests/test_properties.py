@@ -113,6 +113,18 @@ def grouped(t: torch.Tensor, gs: int) -> torch.Tensor:
 # (a) quantize == mx.quantize
 
 
+def assert_dequantize_matches_mlx(w_q, scales, biases, gs, bits, mode, global_scale, out_dtype):
+    """lowbit.dequantize equals mx.dequantize (NaN-aware). With a global scale MLX's CPU returns float32 whatever
+    dtype says; lowbit returns that value rounded once to the asked dtype."""
+    ours = lowbit.dequantize(w_q, scales, biases, gs, bits, mode, global_scale, out_dtype)
+    if global_scale is not None:
+        ref = mx_dequantize(w_q, scales, biases, gs, bits, mode, torch.float32, global_scale)
+        ref = ref.to(out_dtype or torch.bfloat16)
+    else:
+        ref = mx_dequantize(w_q, scales, biases, gs, bits, mode, out_dtype)
+    assert nan_aware_same(ours, ref)
+
+
 @SLOW
 @given(weights(configs=AFFINE_CONFIGS))
 def test_affine_quantize_matches_mlx(case):
@@ -256,13 +268,7 @@ def test_dequantize_of_quantized_matches_mlx(case, out_dtype, use_global_scale):
     q = lowbit.quantize(w, gs, bits, mode, global_scale=global_scale)
     w_q, scales = q[0], q[1]
     biases = q[2] if mode == "affine" else None
-    ours = lowbit.dequantize(w_q, scales, biases, gs, bits, mode, global_scale, out_dtype)
-    if global_scale is not None:  # MLX's CPU returns float32 here whatever dtype says; lowbit rounds that once
-        ref = mx_dequantize(w_q, scales, biases, gs, bits, mode, torch.float32, global_scale)
-        ref = ref.to(out_dtype or torch.bfloat16)
-    else:
-        ref = mx_dequantize(w_q, scales, biases, gs, bits, mode, out_dtype)
-    assert nan_aware_same(ours, ref)
+    assert_dequantize_matches_mlx(w_q, scales, biases, gs, bits, mode, global_scale, out_dtype)
 
 
 @FAST
@@ -291,13 +297,7 @@ def test_dequantize_random_bits_matches_mlx(config, scale_dtype, out_dtype, rows
         biases = None
         if mode == "nvfp4" and use_global_scale:
             global_scale = (torch.rand((), generator=gen) * 100 + 1e-3).reshape(1)
-    ours = lowbit.dequantize(w_q, scales, biases, gs, bits, mode, global_scale, out_dtype)
-    if global_scale is not None:
-        ref = mx_dequantize(w_q, scales, biases, gs, bits, mode, torch.float32, global_scale)
-        ref = ref.to(out_dtype or torch.bfloat16)
-    else:
-        ref = mx_dequantize(w_q, scales, biases, gs, bits, mode, out_dtype)
-    assert nan_aware_same(ours, ref)
+    assert_dequantize_matches_mlx(w_q, scales, biases, gs, bits, mode, global_scale, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -124,21 +124,9 @@ def cpu_times(call: Callable[[], object], first_s: float, budget_s: float) -> li
     return times
 
 
-def median_us(call: Callable[[int], object], device: torch.device, n_copies: int, first_s: float,
-              budget_s: float) -> float:
-    """Median microseconds per call of call(copy_index) on the CPU."""
-    return statistics.median(cpu_times(lambda: call(0), first_s, budget_s)) * 1e6
-
-
-def copy_count(device: torch.device, nbytes: int) -> int:
-    """Input sets to rotate over: one on the CPU (the GPU bench, bench_cuda.py, rotates its own)."""
-    return 1
-
-
-def replicate(tensors: tuple, count: int) -> list[tuple]:
-    """The tensors themselves, then count - 1 independent clones of them (None stays None)."""
-    clones = [tuple(None if t is None else t.clone() for t in tensors) for _ in range(count - 1)]
-    return [tensors, *clones]
+def median_us(call: Callable[[], object], first_s: float, budget_s: float) -> float:
+    """Median microseconds per call on the CPU."""
+    return statistics.median(cpu_times(call, first_s, budget_s)) * 1e6
 
 
 def nbytes(*tensors) -> int:
@@ -190,10 +178,9 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def time_dense(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, budget_s: float) -> float:
     """Median µs of torch's x @ w.T with both in dtype."""
-    inputs = (x.to(dtype), w.to(dtype))
-    sets = replicate(inputs, copy_count(x.device, nbytes(*inputs)))
-    _, first_s = timed(lambda: sets[0][0] @ sets[0][1].T)
-    return median_us(lambda i: sets[i][0] @ sets[i][1].T, x.device, len(sets), first_s, budget_s)
+    xd, wd = x.to(dtype), w.to(dtype)
+    _, first_s = timed(lambda: xd @ wd.T)
+    return median_us(lambda: xd @ wd.T, first_s, budget_s)
 
 
 def run_mlx(x: torch.Tensor, mlx_q: tuple, fmt: Format, time_it: bool, budget_s: float):
@@ -202,16 +189,15 @@ def run_mlx(x: torch.Tensor, mlx_q: tuple, fmt: Format, time_it: bool, budget_s:
     out, first_s = timed(lambda: mlx_matmul(xm, *mlx_q, fmt))
     if not time_it:
         return to_torch(out), None
-    return to_torch(out), median_us(lambda i: mlx_matmul(xm, *mlx_q, fmt), torch.device("cpu"), 1, first_s, budget_s)
+    return to_torch(out), median_us(lambda: mlx_matmul(xm, *mlx_q, fmt), first_s, budget_s)
 
 
 def bench_row(fmt: Format, x: torch.Tensor, q: tuple, mlx_q: tuple | None, dense_us: tuple[float, float],
               budget_s: float) -> Row:
     """Time and check one (format, M, N, K) against MLX (or the fallback reference) and the dense baselines."""
     (m, k), n = x.shape, q[0].shape[0]
-    sets = replicate((x, *q), copy_count(x.device, nbytes(x, *q)))
-    y, first_s = timed(lambda: lowbit_matmul(*sets[0], fmt))
-    lowbit_us = median_us(lambda i: lowbit_matmul(*sets[i], fmt), x.device, len(sets), first_s, budget_s)
+    y, first_s = timed(lambda: lowbit_matmul(x, *q, fmt))
+    lowbit_us = median_us(lambda: lowbit_matmul(x, *q, fmt), first_s, budget_s)
     if mlx_q is None:
         ref, mlx_us = fallback_reference(x, q, fmt), None
     else:

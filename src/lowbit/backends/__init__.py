@@ -33,7 +33,8 @@ def _triton_module() -> ModuleType | None:
     return triton_backend
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton kernels run in its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -47,7 +48,7 @@ def backend_for(op: str, device) -> ModuleType:
         module = _triton_module()
         if module is None:
             raise ValueError(f"[{op}] LOWBIT_BACKEND=triton but triton cannot be imported.")
-        if device != "cuda" and not _interpreting():
+        if device != "cuda" and not interpreting():
             raise ValueError(
                 f"[{op}] LOWBIT_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                 f"got tensors on {device}."

@@ -72,14 +72,12 @@ def _weight_slabs(w_q, scales, biases, global_scale, transpose, mode, group_size
             b = None if biases is None else biases[n0:n1]
             yield n0, n1, deq(w_q[n0:n1], scales[n0:n1], b).T
     else:  # (K, N): take whole groups of columns
-        group_words = group_size * bits // 32
         step = max(1, SLAB_ELEMENTS // max(1, rows * group_size)) * group_size
         for n0 in range(0, cols, step):
             n1 = min(cols, n0 + step)
             w_cols = slice(n0 * bits // 32, n1 * bits // 32)
             g_cols = slice(n0 // group_size, n1 // group_size)
             b = None if biases is None else biases[:, g_cols]
-            assert (n1 - n0) % group_size == 0 and group_words > 0
             yield n0, n1, deq(w_q[:, w_cols], scales[:, g_cols], b)
 
 

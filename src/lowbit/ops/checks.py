@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..formats import ModeSpec, resolve_params
+from ..formats import ModeSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = "float16, bfloat16 or float32"
@@ -116,10 +116,6 @@ def check_quantized(op: str, spec: ModeSpec, group_size: int, bits: int, w, scal
             f"and bits={bits}: expected scales of shape {_shape(torch.empty(expected, device='meta'))}."
         )
     return cols
-
-
-def resolve(op: str, mode: str, group_size, bits) -> tuple[ModeSpec, int, int]:
-    return resolve_params(op, mode, group_size, bits)
 
 
 def check_nonfinite_option(op: str, nonfinite: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import backend_for
-from ..formats import ModeSpec
+from ..formats import ModeSpec, resolve_params
 from . import checks
 from .quantization import dequantize, quantize
 
@@ -50,7 +50,7 @@ class _Weight:
 
 
 def _weight(op, w, scales, biases, transpose, group_size, bits, mode, global_scale, global_scale_numel=1) -> _Weight:
-    spec, gs, b = checks.resolve(op, mode, group_size, bits)
+    spec, gs, b = resolve_params(op, mode, group_size, bits)
     checks.check_transpose(op, transpose)
     cols = checks.check_quantized(op, spec, gs, b, w, scales, biases)
     checks.check_global_scale(op, mode, global_scale, global_scale_numel)
@@ -106,11 +106,7 @@ class _GatherQMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, scales, biases, global_scale, lhs, rhs, wt: _Weight, out_dtype, sorted_indices):
-        backend = backend_for("quantized_matmul", x.device)
-        out = backend.gather_qmm(
-            x, w, scales, biases, global_scale, lhs, rhs, wt.transpose, wt.spec.name, wt.group_size, wt.bits,
-            out_dtype, sorted_indices,
-        )
+        out = _run(x, w, scales, biases, global_scale, lhs, rhs, wt, out_dtype, sorted_indices)
         ctx.save_for_backward(w, scales, biases, global_scale, lhs, rhs)
         ctx.meta = (wt, x.shape, x.dtype)
         return out
@@ -177,6 +173,11 @@ def _apply(x, w, scales, biases, global_scale, lhs, rhs, wt: _Weight, out_dtype,
     """Through autograd only when a gradient is wanted (the Function costs tens of microseconds per call)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _GatherQMM.apply(x, w, scales, biases, global_scale, lhs, rhs, wt, out_dtype, sorted_indices)
+    return _run(x, w, scales, biases, global_scale, lhs, rhs, wt, out_dtype, sorted_indices)
+
+
+def _run(x, w, scales, biases, global_scale, lhs, rhs, wt: _Weight, out_dtype, sorted_indices):
+    """The backend's gathered product for one call."""
     return backend_for("quantized_matmul", x.device).gather_qmm(
         x, w, scales, biases, global_scale, lhs, rhs, wt.transpose, wt.spec.name, wt.group_size, wt.bits, out_dtype,
         sorted_indices,
@@ -313,7 +314,7 @@ def _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, gl
             f"[{op}] Activation quantization supports modes {', '.join(FP_ACTIVATION_MODES)} but got {mode!r}; "
             f"use quantized_matmul for affine weights."
         )
-    _, gs, b = checks.resolve(op, mode, group_size, bits)
+    _, gs, b = resolve_params(op, mode, group_size, bits)
     if (global_scale_x is None) != (global_scale_w is None):
         given = "global_scale_x" if global_scale_w is None else "global_scale_w"
         raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import backend_for
-from ..formats import codecs
+from ..formats import codecs, resolve_params
 from . import checks
 
 
@@ -28,7 +28,7 @@ def quantize(
     """
     op = "quantize"
     checks.check_float(op, "w", w)
-    spec, gs, b = checks.resolve(op, mode, group_size, bits)
+    spec, gs, b = resolve_params(op, mode, group_size, bits)
     checks.check_group_divisible(op, w, gs)
     checks.check_global_scale(op, mode, global_scale)
     checks.check_same_device(op, w=w, global_scale=global_scale)
@@ -54,7 +54,7 @@ def dequantize(
     Default dtype: the promoted dtype of scales and biases for affine, bfloat16 for the fp modes.
     """
     op = "dequantize"
-    spec, gs, b = checks.resolve(op, mode, group_size, bits)
+    spec, gs, b = resolve_params(op, mode, group_size, bits)
     checks.check_quantized(op, spec, gs, b, w, scales, biases)
     checks.check_global_scale(op, mode, global_scale)
     checks.check_same_device(op, w=w, scales=scales, biases=biases, global_scale=global_scale)

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .. import interpreting
+
 from .decode import (
     e2m1_value, e4m3_value, e8m0_value, pack_geometry, pack_group_tile, round_to, slot_codes, slot_codes_runtime,
     unpack_tile,
@@ -244,15 +246,11 @@ def k_splits(n: int, k: int, block: int) -> int:
     return splits
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _tile_config(m: int, transpose: bool):
     """(BLOCK_M tokens, BLOCK_N weights, num_warps, num_stages, split_in_grid) by M; on the GPU any choice gives the
     same bits. The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the tile shape: it keeps one.
     transpose=False tiles N by whole groups and packs: BLOCK_N = 128."""
-    if _interpreting():
+    if interpreting():
         return 16, 128, 4, 1, True
     override = os.environ.get("LOWBIT_QMM_TILE")  # "BLOCK_M,BLOCK_N,num_warps,num_stages": a tuning knob for benchmarks
     if override:
@@ -310,7 +308,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     n_items, m, k = lhs.shape[0] if indexed else 1, x.shape[-2], x.shape[-1]
     n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
     # (the interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: let torch round there)
-    kernel_dtype = torch.float32 if out_dtype == torch.bfloat16 and _interpreting() else out_dtype
+    kernel_dtype = torch.float32 if out_dtype == torch.bfloat16 and interpreting() else out_dtype
     out = torch.empty(n_items, m, n, dtype=kernel_dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -318,7 +316,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         return out.zero_()
     weight_dtype, dot = _weight_and_dot_dtypes(mode, x.dtype, scales, biases)
     unroll_slots = dot != torch.float32  # float32 (three-pass) dots loop over code slots at run time
-    if dot == torch.bfloat16 and _interpreting():  # the interpreter's tl.dot misreads bfloat16; float32 is exact
+    if dot == torch.bfloat16 and interpreting():  # the interpreter's tl.dot misreads bfloat16; float32 is exact
         dot = torch.float32
     bk = block_k(bits, group_size, transpose)
     splits = k_splits(n, k, bk)
@@ -346,7 +344,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, INDEXED=indexed, UNROLL_SLOTS=unroll_slots,
-        INTERPRET=_interpreting(), num_warps=warps,
+        INTERPRET=interpreting(), num_warps=warps,
     ))
     if split_in_grid:
         total = n_items * m * n
