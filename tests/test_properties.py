@@ -109,10 +109,6 @@ def grouped(t: torch.Tensor, gs: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], t.shape[-1] // gs, gs)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# (a) quantize == mx.quantize
-
-
 def assert_dequantize_matches_mlx(w_q, scales, biases, gs, bits, mode, global_scale, out_dtype):
     """lowbit.dequantize equals mx.dequantize (NaN-aware). With a global scale MLX's CPU returns float32 whatever
     dtype says; lowbit returns that value rounded once to the asked dtype."""
@@ -123,6 +119,10 @@ def assert_dequantize_matches_mlx(w_q, scales, biases, gs, bits, mode, global_sc
     else:
         ref = mx_dequantize(w_q, scales, biases, gs, bits, mode, out_dtype)
     assert nan_aware_same(ours, ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) quantize == mx.quantize
 
 
 @SLOW
