@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import dequantize_f64, quantize3
+from conftest import dequantize_f64, quantize3, same_bits
 
 import lowbit
 
@@ -96,6 +96,60 @@ def test_rows_bit_identical_across_batch_sizes(mode, gs, bits, gen):
         part = lowbit.quantized_matmul(x[-length:], *q, True, gs, bits, mode)
         assert torch.equal(part, whole[-length:]), length
     assert rel_err(whole, x.double() @ dequantize_f64(q, gs, bits, mode).to(DEVICE).T) < 1e-2
+
+
+PACKED_FORMATS = [("affine", 64, 4, torch.bfloat16), ("affine", 32, 4, torch.float16), ("affine", 64, 8, torch.bfloat16),
+                  ("affine", 128, 8, torch.float16), ("mxfp4", 32, 4, torch.bfloat16), ("nvfp4", 16, 4, torch.bfloat16),
+                  ("affine", 64, 3, torch.bfloat16), ("mxfp8", 32, 8, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("mode, gs, bits, dtype", PACKED_FORMATS)
+@pytest.mark.parametrize("transpose", [True, False])
+def test_kernels_use_exactly_the_dequantized_values(monkeypatch, mode, gs, bits, dtype, transpose, gen):
+    """One-hot rows of x pick single weights: the output is dequantize(w) itself, bit for bit, on the decode path
+    (M = 8) and on the prefill path (M = K), which decode weights with the packed (inline PTX) decoders on the GPU."""
+    k, n = 256, 128
+    w = randn(n, k, gen=gen, dtype=dtype) if transpose else randn(k, n, gen=gen, dtype=dtype)
+    q = quantize3(w, gs, bits, mode)
+    w_hat = lowbit.dequantize(*q, gs, bits, mode, dtype=dtype)
+    eye = torch.eye(k, dtype=dtype, device=DEVICE)
+    expected = w_hat if transpose else w_hat.T
+    monkeypatch.setenv("LOWBIT_QMM_PREFILL_M", "128")
+    assert same_bits(lowbit.quantized_matmul(eye[40:48], *q, transpose, gs, bits, mode), expected[:, 40:48].T)
+    assert same_bits(lowbit.quantized_matmul(eye, *q, transpose, gs, bits, mode), expected.T)
+
+
+@pytest.mark.parametrize("mode, gs, bits, dtype", PACKED_FORMATS)
+@pytest.mark.parametrize("transpose", [True, False])
+def test_prefill_path_matches_oracle_and_decode(monkeypatch, mode, gs, bits, dtype, transpose, gen):
+    """The prefill path (dequantized tiles + canonical GEMM) against the oracle and, bit for bit on the GPU, against
+    the decode kernel, with K not a multiple of the K block and split partials."""
+    k, m = (odd_k(gs) * 4, 40) if GPU else (odd_k(gs), 20)
+    n = (200 if GPU else 40) if transpose else 256
+    shape = (n, k) if transpose else (k, n)
+    q = quantize3(randn(*shape, gen=gen, scale=k**-0.5, dtype=dtype), gs, bits, mode)
+    w_hat = dequantize_f64(q, gs, bits, mode).to(DEVICE)
+    x = randn(m, k, gen=gen, dtype=dtype)
+    monkeypatch.setenv("LOWBIT_QMM_PREFILL_M", "1")
+    prefill = lowbit.quantized_matmul(x, *q, transpose, gs, bits, mode)
+    monkeypatch.setenv("LOWBIT_QMM_PREFILL_M", str(10**9))
+    decode = lowbit.quantized_matmul(x, *q, transpose, gs, bits, mode)
+    assert rel_err(prefill, x.double() @ (w_hat.T if transpose else w_hat)) < 1e-2
+    if GPU:
+        assert torch.equal(prefill, decode)
+    else:  # the interpreter's numpy dots round by tile shape
+        assert rel_err(prefill, decode.double()) < 1e-2
+
+
+@pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("affine", 64, 8)])
+def test_untransposed_rows_bit_identical_across_batch_sizes(mode, gs, bits, gen):
+    """transpose=False (x @ w): rows of qmm(x[-L:]) equal rows of qmm(x)[-L:] across the dispatch boundaries."""
+    n, k = (64, 256) if not GPU else (1000, 4096)
+    q = quantize3(randn(k, n, gen=gen, scale=k**-0.5, dtype=torch.bfloat16), gs, bits, mode)
+    x = randn(max(INVARIANCE_LENGTHS) + 3, k, gen=gen, dtype=torch.bfloat16)
+    whole = lowbit.quantized_matmul(x, *q, False, gs, bits, mode)
+    for length in INVARIANCE_LENGTHS:
+        assert torch.equal(lowbit.quantized_matmul(x[-length:], *q, False, gs, bits, mode), whole[-length:]), length
 
 
 @pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4)])

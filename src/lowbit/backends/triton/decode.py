@@ -148,3 +148,97 @@ def slot_codes_runtime(w0, w1, w2, w3, w4, slot, BITS: tl.constexpr):
                   tl.where(hi_index == 3, w3, w4))))
     window = lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)
     return ((window >> shift.to(tl.uint64)) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+# --- Packed decoders (GPU only: inline PTX, which the interpreter cannot run) -------------------------------------
+#
+# A 32-bit word holds two 16-bit lanes. Shifted right by 4p (4-bit codes) or 8p (8-bit codes), its low lane holds
+# code slot p and its high lane slot p + PER_PACK / 2, so one packed instruction decodes two weights. Each helper
+# returns the two lanes as 16-bit tensors (low lane first) holding exactly the values of the float32 decoders above
+# rounded to the 16-bit dtype, because every step is exact or rounds once, as the float32 path does:
+# - integer codes: (code | magic) read as bf16 is 128 + code (f16: 1024 + code), minus the magic: exact;
+# - affine: mul.rn(code, scale) then add.rn(., bias): the two roundings of MLX's dequantize (no fused multiply-add;
+#   each product of a <= 8-bit code and a 16-bit scale is exact before its one rounding);
+# - e2m1: the sign and the three exponent/mantissa bits moved into a bf16's bit positions read as 2**-126 times the
+#   value (subnormal for 0.5), times 2**126 and the power-of-two or e4m3 block scale: exact products.
+
+
+@triton.jit
+def pair_of(lane16):
+    """A 16-bit value in both lanes of a uint32 (a packed operand of the helpers below)."""
+    bits = lane16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (bits | (bits << 16)).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def affine4_pair(words, scale2, bias2, DTYPE: tl.constexpr):
+    """Codes in bits 0-3 and 16-19 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16)."""
+    if DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, c;
+            lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 c, 0x43004300;
+            sub.rn.bf16x2 t, t, c;
+            mul.rn.bf16x2 t, t, $3;
+            add.rn.bf16x2 t, t, $4;
+            mov.b32 {$0, $1}, t; }""",
+            "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, c;
+            lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
+            mov.b32 c, 0x64006400;
+            sub.rn.f16x2 t, t, c;
+            mul.rn.f16x2 t, t, $3;
+            add.rn.f16x2 t, t, $4;
+            mov.b32 {$0, $1}, t; }""",
+            "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def affine8_pair(words, scale2, bias2, DTYPE: tl.constexpr):
+    """Codes in bits 0-7 and 16-23 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16).
+
+    bf16 holds 128 + code only for 7-bit codes: the byte is rebuilt exactly as 16 * high nibble + low nibble."""
+    if DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 lo, hi, c, sixteen;
+            lop3.b32 lo, $2, 0x000F000F, 0x43004300, 0xEA;
+            shr.b32 hi, $2, 4;
+            lop3.b32 hi, hi, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 c, 0x43004300;
+            sub.rn.bf16x2 lo, lo, c;
+            sub.rn.bf16x2 hi, hi, c;
+            mov.b32 sixteen, 0x41804180;
+            fma.rn.bf16x2 lo, hi, sixteen, lo;
+            mul.rn.bf16x2 lo, lo, $3;
+            add.rn.bf16x2 lo, lo, $4;
+            mov.b32 {$0, $1}, lo; }""",
+            "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, c;
+            lop3.b32 t, $2, 0x00FF00FF, 0x64006400, 0xEA;
+            mov.b32 c, 0x64006400;
+            sub.rn.f16x2 t, t, c;
+            mul.rn.f16x2 t, t, $3;
+            add.rn.f16x2 t, t, $4;
+            mov.b32 {$0, $1}, t; }""",
+            "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def e2m1_pair(words, scale2):
+    """e2m1 codes in bits 0-3 and 16-19 of `words` -> value * block scale in bf16 (scale2: two bf16 lanes)."""
+    return tl.inline_asm_elementwise(
+        """{ .reg .b32 v, s, c;
+        shl.b32 v, $2, 6;
+        and.b32 v, v, 0x01C001C0;
+        shl.b32 s, $2, 12;
+        and.b32 s, s, 0x80008000;
+        or.b32 v, v, s;
+        mov.b32 c, 0x7E807E80;
+        mul.rn.bf16x2 v, v, c;
+        mul.rn.bf16x2 v, v, $3;
+        mov.b32 {$0, $1}, v; }""",
+        "=h,=h,r,r", [words, scale2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)

@@ -1,0 +1,158 @@
+"""Weight tiles of one K block of the canonical reduction, decoded on the device: shared by the decode kernel
+(qmm.py), which dots them against the tokens, and the prefill dequantizer (prefill.py), which stores them.
+
+A K block of a transposed (N, K) weight is PACKS packs of every row (a pack: the fewest whole words holding whole
+codes, see `pack_geometry`). Code slot s of every pack forms an (N, PACKS) "plane"; the canonical K order inside a
+block is plane 0, plane 1, ... (slot-major), each plane in pack order. Both kernels produce a plane's values with
+the same helpers, so they hold the same bits: exactly the values of `lowbit.dequantize`.
+"""
+
+import triton
+import triton.language as tl
+
+from .decode import (
+    affine4_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_value, e8m0_value, pair_of, pack_group_tile, round_to,
+    slot_codes, slot_codes_runtime, unpack_tile,
+)
+
+
+@triton.jit
+def values_of(codes, scale, bias, MODE: tl.constexpr, SCALE_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Codes and their group's scale (and bias) -> the exact values of lowbit.dequantize, in float32."""
+    if MODE == 0:  # affine: code * scale + bias, rounded twice in the compute dtype (as MLX)
+        scaled = round_to(codes.to(tl.float32) * scale.to(tl.float32), SCALE_DTYPE, INTERPRET)
+        return round_to(scaled + bias.to(tl.float32), SCALE_DTYPE, INTERPRET)
+    elif MODE == 1:  # mxfp4
+        return e2m1_value(codes) * e8m0_value(scale.to(tl.int32))
+    elif MODE == 2:  # mxfp8
+        return e4m3_value(codes) * e8m0_value(scale.to(tl.int32))
+    else:  # nvfp4 block scale (the tensor scale multiplies the float32 result)
+        return e2m1_value(codes) * e4m3_value(scale.to(tl.int32))
+
+
+@triton.jit
+def block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c,
+                PER_PACK: tl.constexpr, WORDS: tl.constexpr, PACKS: tl.constexpr):
+    """The word planes (N, PACKS) of K block kb: plane j holds word j of every pack (unused planes repeat plane 0)."""
+    pack = (kb * PACKS + tl.arange(0, PACKS)).to(tl.int64)
+    mask = n_mask[:, None] & (pack * PER_PACK < K)[None, :]
+    row = w_base + offs_n[:, None] * sw_r
+    w0 = tl.load(row + (pack * WORDS)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    w4 = w0
+    if WORDS > 1:
+        w1 = tl.load(row + (pack * WORDS + 1)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(row + (pack * WORDS + 2)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    if WORDS > 3:
+        w3 = tl.load(row + (pack * WORDS + 3)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w4 = tl.load(row + (pack * WORDS + 4)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    return w0, w1, w2, w3, w4
+
+
+@triton.jit
+def block_groups(ptr, kb, K, offs_n, n_mask, s_r, s_c, GS: tl.constexpr, GROUPS: tl.constexpr):
+    """The (N, GROUPS) scales (or biases) of K block kb, in their stored dtype (0 past K)."""
+    group = kb * GROUPS + tl.arange(0, GROUPS)
+    mask = n_mask[:, None] & (group * GS < K)[None, :]
+    return tl.load(ptr + offs_n[:, None] * s_r + group[None, :] * s_c, mask=mask, other=0)
+
+
+@triton.jit
+def per_pack(tile, GROUPS: tl.constexpr, PACKS: tl.constexpr):
+    """(N, GROUPS) group values -> (N, PACKS): each group's value repeated over its packs, in registers."""
+    return tl.reshape(tl.broadcast_to(tile[:, :, None], (tile.shape[0], GROUPS, PACKS // GROUPS)),
+                      (tile.shape[0], PACKS))
+
+
+@triton.jit
+def slot_plane(w0, w1, w2, w3, w4, scale, bias, SLOT: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
+               SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Plane SLOT in DOT_DTYPE, decoded in float32 (every format); scale and bias are per pack (N, PACKS)."""
+    return values_of(slot_codes(w0, w1, w2, w3, w4, SLOT, BITS), scale, bias, MODE, SCALE_DTYPE,
+                     INTERPRET).to(DOT_DTYPE)
+
+
+@triton.jit
+def slot_plane_runtime(w0, w1, w2, w3, w4, scale, bias, slot, MODE: tl.constexpr, BITS: tl.constexpr,
+                       SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """slot_plane with a run-time slot (same values; short compiles where unrolling is slow)."""
+    return values_of(slot_codes_runtime(w0, w1, w2, w3, w4, slot, BITS), scale, bias, MODE, SCALE_DTYPE,
+                     INTERPRET).to(DOT_DTYPE)
+
+
+@triton.jit
+def _packed_pair(words, scale2, bias2, MODE: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    if MODE == 0:
+        if BITS == 4:
+            return affine4_pair(words, scale2, bias2, DOT_DTYPE)
+        else:
+            return affine8_pair(words, scale2, bias2, DOT_DTYPE)
+    else:
+        return e2m1_pair(words, scale2)
+
+
+@triton.jit
+def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
+                  PACKS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """All planes of a one-word pack through the packed decoders, in slot order: 8 for 4-bit codes, 4 for 8-bit
+    (then the last four repeat plane 0). scale and bias are the (N, GROUPS) tiles as stored.
+
+    Formats served (see `packed_decoding`): affine 4/8-bit with scales, biases and dot in one 16-bit dtype;
+    mxfp4 and nvfp4 with bf16 dots."""
+    if MODE == 0:
+        scale2 = per_pack(pair_of(scale), GROUPS, PACKS)
+        bias2 = per_pack(pair_of(bias), GROUPS, PACKS)
+    elif MODE == 1:  # e8m0 byte e -> bf16 2**(e - 127): bits e << 7 (byte 0: the subnormal 2**-127, bits 0x40)
+        e = scale.to(tl.int32)
+        bits = tl.where(e == 0, 0x40, e << 7)
+        scale2 = per_pack((bits | (bits << 16)).to(tl.uint32, bitcast=True), GROUPS, PACKS)
+        bias2 = scale2
+    else:  # nvfp4: e4m3 is exact in bf16
+        scale2 = per_pack(pair_of(e4m3_value(scale.to(tl.int32)).to(tl.bfloat16)), GROUPS, PACKS)
+        bias2 = scale2
+    if BITS == 4:
+        p0, p4 = _packed_pair(w0, scale2, bias2, MODE, BITS, DOT_DTYPE)
+        p1, p5 = _packed_pair(w0 >> 4, scale2, bias2, MODE, BITS, DOT_DTYPE)
+        p2, p6 = _packed_pair(w0 >> 8, scale2, bias2, MODE, BITS, DOT_DTYPE)
+        p3, p7 = _packed_pair(w0 >> 12, scale2, bias2, MODE, BITS, DOT_DTYPE)
+        return p0, p1, p2, p3, p4, p5, p6, p7
+    else:
+        p0, p2 = _packed_pair(w0, scale2, bias2, MODE, BITS, DOT_DTYPE)
+        p1, p3 = _packed_pair(w0 >> 8, scale2, bias2, MODE, BITS, DOT_DTYPE)
+        return p0, p1, p2, p3, p0, p0, p0, p0
+
+
+def packed_decoding(mode: str, bits: int, scale_dtype, bias_dtype, weight_dtype, dot_dtype, interpret: bool) -> bool:
+    """Whether `packed_planes` serves this format (the GPU only: the interpreter cannot run inline PTX).
+    LOWBIT_QMM_PACKED=0 turns it off (a benchmark knob: the float32 decoders give the same bits)."""
+    import os
+
+    import torch
+
+    if interpret or os.environ.get("LOWBIT_QMM_PACKED", "1") == "0":
+        return False
+    if mode == "affine":
+        return (bits in (4, 8) and dot_dtype in (torch.bfloat16, torch.float16)
+                and scale_dtype == bias_dtype == weight_dtype == dot_dtype)
+    return mode in ("mxfp4", "nvfp4") and dot_dtype == torch.bfloat16
+
+
+@triton.jit
+def nn_weight_tile(w_base, s_base, b_base, rows, row_mask, code_start, n_codes,
+                   sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                   R: tl.constexpr, C: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                   PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
+                   SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """transpose=False: rows `rows` (along K) x codes [code_start, code_start + C) (along N) of dequantize(w), an
+    (R, C) tile in DOT_DTYPE, natural order. Dequantized pack by pack, reshaped once at the end."""
+    codes = unpack_tile(w_base, rows, row_mask, sw_r, sw_c, code_start, n_codes, R, C, BITS,
+                        PER_PACK, WORDS, WORDS_POW2)
+    scale = pack_group_tile(s_base, rows, row_mask, ss_r, ss_c, code_start, n_codes, C, GS, PER_PACK)
+    if MODE == 0:
+        bias = pack_group_tile(b_base, rows, row_mask, sb_r, sb_c, code_start, n_codes, C, GS, PER_PACK)
+    else:
+        bias = scale
+    values = values_of(codes, scale, bias, MODE, SCALE_DTYPE, INTERPRET).to(DOT_DTYPE)
+    return tl.reshape(values, (R, C))
