@@ -127,14 +127,26 @@ def canonical_gemm_kernel(a_ptr, b_ptr, out_ptr, g_ptr, M, N, K, sa_m, sb_k, sb_
     tl.store(out, total.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _gemm_config(splits: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); a tile choice never changes the bits."""
+def _gemm_config(m: int, n: int, splits: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); a tile choice never changes the bits. Smaller token
+    tiles while M alone would leave SMs idle (each program runs all of K)."""
     if interpreting():
         return 16, 32, 64, 4, 1
     override = os.environ.get("LOWBIT_GEMM_TILE")  # "BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages": a benchmark knob
     if override:
         return tuple(int(v) for v in override.split(","))
+    if triton.cdiv(m, 128) * triton.cdiv(n, 128) < 264:
+        return 64, 128, 64, 4, 4
     return (128, 256, 64, 8, 3) if splits == 1 else (128, 128, 64, 8, 4)
+
+
+def _dequantize_config() -> tuple[int, int]:
+    """(BLOCK_N rows, num_warps) of the tile dequantizer."""
+    override = os.environ.get("LOWBIT_DEQ_TILE")  # "BLOCK_N,num_warps": a benchmark knob
+    if override:
+        bn, warps = (int(v) for v in override.split(","))
+        return bn, warps
+    return 64, 4
 
 
 def prefill_qmm(out, x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, bk, splits,
@@ -148,7 +160,8 @@ def prefill_qmm(out, x, w_q, scales, biases, global_scale, transpose, mode, grou
     k_blocks = -(-k // bk)
     k_pad = k_blocks * bk
     blocks_per_split = -(-k_blocks // splits)
-    block_m, block_n, gemm_k, warps, stages = _gemm_config(splits)
+    block_m, block_n, gemm_k, warps, stages = _gemm_config(m, n, splits)
+    deq_n, deq_warps = _dequantize_config()
     assert bk % gemm_k == 0
     steps_per_split = blocks_per_split * (bk // gemm_k)
     b = biases if biases is not None else scales
@@ -162,9 +175,9 @@ def prefill_qmm(out, x, w_q, scales, biases, global_scale, transpose, mode, grou
         if transpose:
             tiles = buffer[:rows * k_pad].view(rows, k_pad)
             w_s, s_s, b_s = w_q[n0:n0 + rows], scales[n0:n0 + rows], b[n0:n0 + rows]
-            dequantize_nt_kernel[(triton.cdiv(rows, 64), k_blocks)](
+            dequantize_nt_kernel[(triton.cdiv(rows, deq_n), k_blocks)](
                 w_s.view(torch.int32), s_s, b_s, tiles, rows, k, *w_s.stride(), *s_s.stride(), *b_s.stride(),
-                tiles.stride(0), **common, BLOCK_N=64, BLOCK_K=bk, PACKED=packed, num_warps=4)
+                tiles.stride(0), **common, BLOCK_N=deq_n, BLOCK_K=bk, PACKED=packed, num_warps=deq_warps)
             b_strides = (tiles.stride(1), tiles.stride(0))  # the GEMM reads the (K, N) transpose of the tiles
         else:
             tiles = buffer[:rows * k_pad].view(k_pad, rows)[:k]
@@ -173,7 +186,7 @@ def prefill_qmm(out, x, w_q, scales, biases, global_scale, transpose, mode, grou
             s_s, b_s = scales[:, n0 // group_size:], b[:, n0 // group_size:]
             dequantize_nn_kernel[(triton.cdiv(rows, 128), triton.cdiv(k, bk))](
                 w_s.view(torch.int32), s_s, b_s, tiles, rows, k, *w_s.stride(), *s_s.stride(), *b_s.stride(),
-                tiles.stride(0), **common, WORDS_POW2=words_pow2, BLOCK_N=128, BLOCK_K=bk, num_warps=4)
+                tiles.stride(0), **common, WORDS_POW2=words_pow2, BLOCK_N=128, BLOCK_K=bk, num_warps=deq_warps)
             b_strides = (tiles.stride(0), tiles.stride(1))
         target = out[:, n0:n0 + rows]
         grid = (triton.cdiv(m, block_m) * triton.cdiv(rows, block_n),)
