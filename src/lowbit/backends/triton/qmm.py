@@ -191,11 +191,11 @@ def _tile_config(m: int):
     if override:
         bm, bn, warps, stages = (int(v) for v in override.split(","))
         return bm, bn, warps, stages, bm <= 64
-    if m <= 16:  # measured on an H200 (benchmarks/tile_sweep.sh): BLOCK_N 128, 3 stages best or near best
-        return 16, 128, 4, 3, True
-    if m <= 64:
+    if m <= 16:  # measured on an H200 (benchmarks/prefill_probe.py): 64 weight rows, 4 warps, 3 stages best
+        return 16, 64, 4, 3, True
+    if m <= 128:
         return 64, 128, 4, 3, True
-    return 128, 128, 8, 3, False
+    return 128, 128, 8, 3, False  # (large M that the prefill path does not take: gathers, float32)
 
 
 def weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dtype, torch.dtype]:
@@ -245,7 +245,7 @@ def _prefill_min_m() -> int | None:
     return None if interpreting() else PREFILL_MIN_M
 
 
-PREFILL_MIN_M = 128
+PREFILL_MIN_M = 160  # H200, 8192^2: decode 116-125 us at M = 128, prefill 135-144 us at M = 256
 
 
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
