@@ -192,12 +192,16 @@ def _matmul(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype) -> to
     if batch is None:
         raise ValueError(f"[{op}] The batch dimensions of x {x_batch} and w {w_batch} cannot be broadcast together.")
     device = x.device
+    m = x2.shape[-2]
+    if batch and not w_batch:  # one weight: x's batch rows are just more rows (one product, the prefill path's shape)
+        out = _gathered(op, x2.reshape(1, -1, wt.k), wt, None, None, out_dtype)
+        out = out.reshape(*batch, m, wt.n)
+        return out.squeeze(-2) if x.ndim == 1 else out
     if batch:
         lhs = torch.arange(checks.prod(x_batch), device=device).reshape(x_batch).expand(batch).reshape(-1)
         rhs = torch.arange(checks.prod(w_batch), device=device).reshape(w_batch).expand(batch).reshape(-1)
     else:  # the common 2-D case: no index arrays
         lhs = rhs = None
-    m = x2.shape[-2]
     out = _gathered(op, x2.reshape(-1, m, wt.k), wt, lhs, rhs, out_dtype)
     out = out.reshape(*batch, m, wt.n)
     return out.squeeze(-2) if x.ndim == 1 else out
