@@ -166,6 +166,28 @@ def test_gather_qmm_matches_oracle_and_is_invariant(mode, gs, bits, gen):
     assert torch.equal(subset, out[[4, 1]])
 
 
+@pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4), ("affine", 64, 8)])
+def test_moe_routing_grouped_by_expert(mode, gs, bits, gen):
+    """mlx-lm's SwitchGLU call: x (T, 1, 1, K), top-k expert indices (T, k). Rows are grouped by expert inside the
+    kernel; a token's output is bit-identical whoever else is routed with it, sorted or not."""
+    experts, tokens, top_k, k, n = (8, 24, 2, 128, 64) if not GPU else (32, 300, 4, 512, 256)
+    w = quantize3(randn(experts, n, k, gen=gen, scale=k**-0.5, dtype=torch.bfloat16), gs, bits, mode)
+    x = randn(tokens, 1, 1, k, gen=gen, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)
+    out = lowbit.gather_qmm(x, *w, rhs_indices=idx, transpose=True, group_size=gs, bits=bits, mode=mode)
+    assert out.shape == (tokens, top_k, 1, n)
+    w_hat = dequantize_f64(w, gs, bits, mode).to(DEVICE)
+    ref = torch.einsum("tk,tenk->ten", x[:, 0, 0].double(), w_hat[idx])
+    assert rel_err(out[:, :, 0], ref) < 1e-2
+    few = lowbit.gather_qmm(x[5:9], *w, rhs_indices=idx[5:9], transpose=True, group_size=gs, bits=bits, mode=mode)
+    assert torch.equal(few, out[5:9])
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    sorted_out = lowbit.gather_qmm(x.reshape(tokens, 1, k), *w, lhs_indices=(order // top_k), rhs_indices=flat[order],
+                                   transpose=True, group_size=gs, bits=bits, mode=mode, sorted_indices=True)
+    assert torch.equal(sorted_out[:, 0], out.reshape(-1, n)[order])
+
+
 @pytest.mark.parametrize("tensor_scale", [1e-6, 1.0, 1e6])
 def test_nvfp4_global_scale_float16_no_overflow(tensor_scale, gen):
     """Bug report 3: a tiny tensor scale applied after an fp16 matmul overflowed; lowbit applies it in float32."""

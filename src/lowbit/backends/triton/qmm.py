@@ -38,14 +38,15 @@ def _plane_dot(partial, plane, x_block, m_mask, SLOT: tl.constexpr, PACKS: tl.co
 
 
 @triton.jit
-def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, offs_n, n_mask,
-              sx_m, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+def _nt_block(partial, x_ptr, x_rows, w_base, s_base, b_base, kb, K, m_mask, offs_n, n_mask,
+              sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
               MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
               SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
               PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr):
     """One K block of a transpose=True product (w is (N, K), codes along K), plane by plane in slot order.
 
-    Every word is loaded once; x arrives slot-major (reduction.slot_major), so each plane's x is contiguous."""
+    Every word is loaded once; x arrives slot-major (reduction.slot_major), so each plane's x is contiguous;
+    x_rows holds each token column's offset into x."""
     PACKS: tl.constexpr = BLOCK_K // PER_PACK
     GROUPS: tl.constexpr = BLOCK_K // GS
     w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, PER_PACK, WORDS, PACKS)
@@ -54,7 +55,7 @@ def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, of
         bias = block_groups(b_base, kb, K, offs_n, n_mask, sb_r, sb_c, GS, GROUPS)
     else:
         bias = scale
-    x_block = x_base + offs_m[None, :] * sx_m + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
+    x_block = x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
     if PACKED:
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, GROUPS, PACKS, DOT_DTYPE)
         partial = _plane_dot(partial, p0, x_block, m_mask, 0, PACKS, DOT_DTYPE, PRECISION)
@@ -85,67 +86,79 @@ def _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, of
 
 @triton.jit
 def qmm_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, out_ptr, part_ptr,
-    M, N, K, n_items,
+    x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr, out_ptr, part_ptr,
+    M, N, K, n_rows, n_weights,
     sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INDEXED: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUPED: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """One (BLOCK_N weights x BLOCK_M tokens) tile of one gathered item, over all of K or one split of it.
+    """One tile of (BLOCK_N weights of one weight matrix) x (up to BLOCK_M output rows that use it), over all of K
+    or one split of it.
 
-    The weight tile is the MMA's left operand (weights on the M side, tokens on the N side: decode pads tokens to 16,
+    Output rows are numbered item * M + m. A plain product has one weight and rows 0..M-1. A gathered product
+    (GROUPED) arrives as a schedule made by the launcher: rows sorted by the weight they use (`rows_ptr`), and per
+    tile the weight, the first sorted row and the row count (tiles past the schedule have weight n_weights and do
+    nothing). So a weight tile is decoded once for all the rows that use it, whoever else was routed with them.
+
+    The weight tile is the MMA's left operand (weights on the M side, rows on the N side: decode pads rows to 16,
     not 64); the accumulator is the transposed output tile."""
     pid = tl.program_id(0)
-    m_tiles = tl.cdiv(M, BLOCK_M)
-    tiles = m_tiles * tl.cdiv(N, BLOCK_N)
+    if GROUPED:
+        row_tiles = tl.cdiv(n_rows, BLOCK_M) + tl.minimum(n_weights, n_rows)  # the launcher's bound
+    else:
+        row_tiles = tl.cdiv(n_rows, BLOCK_M)
+    tiles = row_tiles * tl.cdiv(N, BLOCK_N)
     tile = pid % tiles
-    rest = pid // tiles
     if SPLIT_IN_GRID:
-        split = rest % SPLITS
-        item = rest // SPLITS
+        split = pid // tiles
         first = split
         last = split + 1
     else:
         split = 0
-        item = rest
         first = 0
         last = SPLITS
-    pid_m = tile % m_tiles  # consecutive programs share a weight tile (L2 reuse)
-    pid_n = tile // m_tiles
-
-    if INDEXED:
-        x_batch = tl.load(lhs_ptr + item).to(tl.int64)
-        w_batch = tl.load(rhs_ptr + item).to(tl.int64)
+    row_tile = tile % row_tiles  # consecutive programs share a weight tile (L2 reuse)
+    pid_n = tile // row_tiles
+    local = tl.arange(0, BLOCK_M)
+    if GROUPED:
+        weight = tl.load(tile_w_ptr + row_tile).to(tl.int64)
+        m_mask = local < tl.load(tile_rows_ptr + row_tile)  # (0 rows in tiles past the schedule)
+        rows = tl.load(rows_ptr + tl.load(tile_start_ptr + row_tile) + local, mask=m_mask, other=0).to(tl.int64)
+        item = rows // M
+        x_rows = tl.load(lhs_ptr + item, mask=m_mask, other=0).to(tl.int64) * sx_b + (rows % M) * sx_m
+        weight = tl.minimum(weight, n_weights - 1)
     else:  # one plain product
-        x_batch = item.to(tl.int64)
-        w_batch = item.to(tl.int64)
-    x_base = x_ptr + x_batch * sx_b
-    w_base = w_ptr + w_batch * sw_b
-    s_base = s_ptr + w_batch * ss_b
-    b_base = b_ptr + w_batch * sb_b
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        weight = 0
+        rows = (row_tile * BLOCK_M + local).to(tl.int64)
+        m_mask = rows < n_rows
+        item = rows * 0
+        x_rows = rows * sx_m
+    out_rows = item * so_i + (rows % M) * so_m
+    w_base = w_ptr + weight * sw_b
+    s_base = s_ptr + weight * ss_b
+    b_base = b_ptr + weight * sb_b
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    m_mask = offs_m < M
     n_mask = offs_n < N
 
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLITS)
+    k_end = tl.where(tl.max(m_mask.to(tl.int32), 0) > 0, k_blocks, 0)  # a tile with no rows does no work
     total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for s in range(first, last):
         partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_blocks)):
+        for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_end)):
             if TRANSPOSE:
-                partial = _nt_block(partial, x_base, w_base, s_base, b_base, kb, K, offs_m, m_mask, offs_n, n_mask,
-                                    sx_m, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                partial = _nt_block(partial, x_ptr, x_rows, w_base, s_base, b_base, kb, K, m_mask, offs_n, n_mask,
+                                    sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
                                     MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE, PRECISION,
                                     BLOCK_K, PACKED, UNROLL_SLOTS, INTERPRET)
             else:  # w is (K, N): rows run along K, codes along N
                 offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
                 k_mask = offs_k < K
-                x_t = tl.load(x_base + offs_k[:, None] * sx_k + offs_m[None, :] * sx_m,
+                x_t = tl.load(x_ptr + offs_k[:, None] * sx_k + x_rows[None, :],
                               mask=k_mask[:, None] & m_mask[None, :], other=0.0)
                 w = tl.trans(nn_weight_tile(w_base, s_base, b_base, offs_k, k_mask, pid_n * BLOCK_N, N,
                                           sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_K, BLOCK_N, MODE, BITS, GS,
@@ -155,13 +168,12 @@ def qmm_kernel(
 
     mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_IN_GRID and SPLITS > 1:
-        part = part_ptr + ((split * n_items + item) * M + offs_m[None, :]) * N + offs_n[:, None]
+        part = part_ptr + (split * n_rows + rows[None, :]) * N + offs_n[:, None]
         tl.store(part, total, mask=mask)
     else:
         if HAS_GLOBAL:
-            total = total * (tl.load(g_ptr + w_batch) / 2688.0)
-        out = out_ptr + item * so_i + offs_m[None, :] * so_m + offs_n[:, None] * so_n
-        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            total = total * (tl.load(g_ptr + weight) / 2688.0)
+        tl.store(out_ptr + out_rows[None, :] + offs_n[:, None] * so_n, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -182,20 +194,46 @@ def fold_splits_kernel(part_ptr, g_ptr, rhs_ptr, out_ptr, MN, total_elems,
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile_config(m: int):
-    """(BLOCK_M tokens, BLOCK_N weights, num_warps, num_stages, split_in_grid) by M; on the GPU any choice gives the
-    same bits. The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the tile shape: it keeps one."""
+def _tile_config(rows_per_weight: int):
+    """(BLOCK_M rows, BLOCK_N weights, num_warps, num_stages, split_in_grid) by the rows that share a weight; on the
+    GPU any choice gives the same bits. The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the
+    tile shape: it keeps one."""
     if interpreting():
         return 16, 128, 4, 1, True
     override = os.environ.get("LOWBIT_QMM_TILE")  # "BLOCK_M,BLOCK_N,num_warps,num_stages": a tuning knob for benchmarks
     if override:
         bm, bn, warps, stages = (int(v) for v in override.split(","))
         return bm, bn, warps, stages, bm <= 64
-    if m <= 16:  # measured on an H200 (benchmarks/prefill_probe.py): 64 weight rows, 4 warps, 3 stages best
+    if rows_per_weight <= 16:  # measured on an H200 (benchmarks/prefill_probe.py): 64 weight rows, 4 warps, 3 stages
         return 16, 64, 4, 3, True
-    if m <= 128:
+    if rows_per_weight <= 128:
         return 64, 128, 4, 3, True
     return 128, 128, 8, 3, False  # (large M that the prefill path does not take: gathers, float32)
+
+
+def _schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int):
+    """The gathered kernel's work list, built on the device without a host sync: output rows (item * M + m) sorted
+    by the weight they use (stable), and for each of `bound` row tiles its weight (n_weights: unused), first sorted
+    row and row count. bound = ceil(rows / BLOCK_M) + min(weights, rows) covers any routing."""
+    device = rhs.device
+    n_items = rhs.shape[0]
+    order = torch.argsort(rhs, stable=True)
+    rows = (order[:, None] * m + torch.arange(m, device=device)).reshape(-1).to(torch.int32)
+    counts = torch.zeros(n_weights, dtype=torch.int64, device=device).index_add_(
+        0, rhs, torch.full_like(rhs, m, dtype=torch.int64))
+    row_start = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    bound = -(-n_items * m // block_m) + min(n_weights, n_items * m)
+    tile = torch.arange(bound, device=device)
+    weight = torch.searchsorted(tile_end, tile, right=True)
+    valid = weight < n_weights
+    w_clamped = weight.clamp(max=n_weights - 1)
+    local = tile - (tile_end - tiles)[w_clamped]
+    start = row_start[w_clamped] + local * block_m
+    count = torch.where(valid, (counts[w_clamped] - local * block_m).clamp(0, block_m), 0)
+    return rows, weight.to(torch.int32), start.clamp(max=max(n_items * m - 1, 0)).to(torch.int32), \
+        count.to(torch.int32), bound
 
 
 def weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dtype, torch.dtype]:
@@ -279,32 +317,40 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         prefill_qmm(out[0], x[0].contiguous(), w_q[0], scales[0], None if biases is None else biases[0], global_scale,
                     transpose, mode, group_size, bits, bk, splits, weight_dtype, dot, packed)
         return out.to(out_dtype)
-    block_m, block_n, warps, stages, split_in_grid = _tile_config(m)
+    n_weights = w_q.shape[0]
+    n_rows = n_items * m
+    block_m, block_n, warps, stages, split_in_grid = _tile_config(
+        -(-n_rows // min(n_weights, n_items)) if indexed else m)
     per_pack, words, words_pow2 = pack_geometry(bits)
     split_in_grid = split_in_grid and splits > 1
-    partials = (torch.empty(splits, n_items, m, n, dtype=torch.float32, device=x.device) if split_in_grid
+    partials = (torch.empty(splits, n_rows, n, dtype=torch.float32, device=x.device) if split_in_grid
                 else out)
     b = biases if biases is not None else scales
     g = global_scale if global_scale is not None else scales
-    lhs32, rhs32 = (lhs.to(torch.int32), rhs.to(torch.int32)) if indexed else (scales, scales)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * n_items * (splits if split_in_grid else 1),)
+    if indexed:
+        rows, tile_w, tile_start, tile_rows, row_tiles = _schedule(rhs, m, n_weights, block_m)
+        lhs32 = lhs.to(torch.int32)
+    else:
+        rows = tile_w = tile_start = tile_rows = lhs32 = scales
+        row_tiles = triton.cdiv(m, block_m)
+    grid = (row_tiles * triton.cdiv(n, block_n) * (splits if split_in_grid else 1),)
     launch_fitting(qmm_kernel, grid, stages, (
-        x, w_q.view(torch.int32), scales, b, g, lhs32, rhs32, out, partials,
-        m, n, k, n_items,
+        x, w_q.view(torch.int32), scales, b, g, lhs32, rows, tile_w, tile_start, tile_rows, out, partials,
+        m, n, k, n_rows, n_weights,
         *x.stride(), *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
     ), dict(
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=global_scale is not None,
         PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, INDEXED=indexed, PACKED=packed, UNROLL_SLOTS=unroll_slots,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, GROUPED=indexed, PACKED=packed, UNROLL_SLOTS=unroll_slots,
         INTERPRET=interpreting(), num_warps=warps,
     ))
     if split_in_grid:
-        total = n_items * m * n
+        total = n_rows * n
         block = 1024
         fold_splits_kernel[(triton.cdiv(total, block),)](
-            partials, g, rhs32, out, m * n, total, SPLITS=splits, HAS_GLOBAL=global_scale is not None,
-            INDEXED=indexed, BLOCK=block,
+            partials, g, rhs.to(torch.int32) if indexed else scales, out, m * n, total, SPLITS=splits,
+            HAS_GLOBAL=global_scale is not None, INDEXED=indexed, BLOCK=block,
         )
     return out.to(out_dtype)
