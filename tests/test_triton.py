@@ -188,6 +188,23 @@ def test_moe_routing_grouped_by_expert(mode, gs, bits, gen):
     assert torch.equal(sorted_out[:, 0], out.reshape(-1, n)[order])
 
 
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need the GPU")
+def test_gather_qmm_captured_in_a_cuda_graph(gen):
+    """MoE decode runs under CUDA graphs: gather_qmm (index checks, grouping schedule, kernels) captures and its
+    replay equals the eager call for new routing written into the same index tensor."""
+    experts, k, n = 16, 256, 128
+    w = quantize3(randn(experts, n, k, gen=gen, scale=k**-0.5, dtype=torch.bfloat16), 64, 4)
+    x = randn(4, 1, 1, k, gen=gen, dtype=torch.bfloat16)
+    idx = torch.randint(0, experts, (4, 2), generator=gen).to(DEVICE)
+    lowbit.gather_qmm(x, *w, rhs_indices=idx, transpose=True)  # warm-up: compiles, checks the indices
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lowbit.gather_qmm(x, *w, rhs_indices=idx, transpose=True)
+    idx.copy_(torch.randint(0, experts, (4, 2), generator=gen).to(DEVICE))
+    graph.replay()
+    assert torch.equal(out, lowbit.gather_qmm(x, *w, rhs_indices=idx, transpose=True))
+
+
 @pytest.mark.parametrize("tensor_scale", [1e-6, 1.0, 1e6])
 def test_nvfp4_global_scale_float16_no_overflow(tensor_scale, gen):
     """Bug report 3: a tiny tensor scale applied after an fp16 matmul overflowed; lowbit applies it in float32."""

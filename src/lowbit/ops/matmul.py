@@ -242,7 +242,10 @@ def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:
     if idx.device != device:
         raise ValueError(f"[{op}] {name} must be on {device} like x but is on {idx.device}.")
     idx = idx.long()  # MLX's own index dtype is uint32, which torch cannot reduce
-    if idx.numel():
+    # The range check reads the indices on the host, which a CUDA graph capture cannot do: it runs eagerly (the
+    # warm-up call before a capture checks the same routing code) and is skipped while capturing.
+    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
+    if idx.numel() and not capturing:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= size:
             raise ValueError(
