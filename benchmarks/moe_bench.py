@@ -55,7 +55,8 @@ def main():
 
                 y = call()
                 w_hat = lowbit.dequantize(*q, gs, bits, mode, dtype=torch.float32)
-                ref = torch.einsum("tk,tenk->ten", x[:, 0, 0].float(), w_hat[idx]).double()
+                every = (x.reshape(tokens, k).float() @ w_hat.reshape(-1, k).T).reshape(tokens, experts, n)
+                ref = torch.gather(every, 1, idx[:, :, None].expand(-1, -1, n)).double()
                 err = ((y[:, :, 0].double() - ref).abs().max() / ref.abs().max()).item()
                 us = graph_time_us([call])
                 flat = idx.reshape(-1)
