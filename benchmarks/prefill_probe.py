@@ -10,7 +10,7 @@ import torch
 import triton
 
 import lowbit
-from lowbit.backends.triton import prefill, qmm
+from lowbit.backends.triton import launch, prefill
 from lowbit.backends.triton.decode import pack_geometry
 from lowbit.backends.triton.reduction import block_k
 from lowbit.bench_cuda import _nbytes, _weights, bf16_tflops, copy_bandwidth, graph_time_us
@@ -45,8 +45,8 @@ def main():
             def deq(w=w, s=s, b=b, bn=bn, warps=warps):
                 prefill.dequantize_nt_kernel[(triton.cdiv(N, bn), K // bk)](
                     w.view(torch.int32), s, b, tiles, N, K, *w.stride(), *s.stride(), *b.stride(), tiles.stride(0),
-                    MODE=qmm.MODE_IDS[mode], BITS=bits, GS=gs, PER_PACK=per_pack, WORDS=words,
-                    SCALE_DTYPE=qmm.TL_DTYPES[torch.bfloat16], DOT_DTYPE=qmm.TL_DTYPES[torch.bfloat16],
+                    MODE=launch.MODE_IDS[mode], BITS=bits, GS=gs, PER_PACK=per_pack, WORDS=words,
+                    SCALE_DTYPE=launch.TL_DTYPES[torch.bfloat16], DOT_DTYPE=launch.TL_DTYPES[torch.bfloat16],
                     INTERPRET=False, BLOCK_N=bn, BLOCK_K=bk, PACKED=True, num_warps=warps)
             us = graph_time_us([deq])
             moved = _nbytes(w, s, qs[0][2]) + tiles.numel() * 2

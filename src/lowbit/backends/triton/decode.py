@@ -171,35 +171,42 @@ def pair_of(lane16):
 
 
 @triton.jit
-def affine4_pair(words, scale2, bias2, DTYPE: tl.constexpr):
-    """Codes in bits 0-3 and 16-19 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16)."""
+def affine_pair(codes, scale2, bias2, DTYPE: tl.constexpr):
+    """Codes in both 16-bit lanes of `codes` (below 128 for bf16, 1024 for f16) -> round(round(code * scale) + bias)
+    in DTYPE (bf16 or f16)."""
     if DTYPE == tl.bfloat16:
         return tl.inline_asm_elementwise(
             """{ .reg .b32 t, c;
-            lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
             mov.b32 c, 0x43004300;
+            or.b32 t, $2, c;
             sub.rn.bf16x2 t, t, c;
             mul.rn.bf16x2 t, t, $3;
             add.rn.bf16x2 t, t, $4;
             mov.b32 {$0, $1}, t; }""",
-            "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+            "=h,=h,r,r,r", [codes, scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
     else:
         return tl.inline_asm_elementwise(
             """{ .reg .b32 t, c;
-            lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
             mov.b32 c, 0x64006400;
+            or.b32 t, $2, c;
             sub.rn.f16x2 t, t, c;
             mul.rn.f16x2 t, t, $3;
             add.rn.f16x2 t, t, $4;
             mov.b32 {$0, $1}, t; }""",
-            "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            "=h,=h,r,r,r", [codes, scale2, bias2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def affine4_pair(words, scale2, bias2, DTYPE: tl.constexpr):
+    """Codes in bits 0-3 and 16-19 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16)."""
+    return affine_pair(words & 0x000F000F, scale2, bias2, DTYPE)
 
 
 @triton.jit
 def affine8_pair(words, scale2, bias2, DTYPE: tl.constexpr):
     """Codes in bits 0-7 and 16-23 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16).
 
-    bf16 holds 128 + code only for 7-bit codes: the byte is rebuilt exactly as 16 * high nibble + low nibble."""
+    bf16 holds 128 + code only for 7-bit codes: there the byte is rebuilt exactly as 16 * high nibble + low nibble."""
     if DTYPE == tl.bfloat16:
         return tl.inline_asm_elementwise(
             """{ .reg .b32 lo, hi, c, sixteen;
@@ -216,15 +223,7 @@ def affine8_pair(words, scale2, bias2, DTYPE: tl.constexpr):
             mov.b32 {$0, $1}, lo; }""",
             "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
     else:
-        return tl.inline_asm_elementwise(
-            """{ .reg .b32 t, c;
-            lop3.b32 t, $2, 0x00FF00FF, 0x64006400, 0xEA;
-            mov.b32 c, 0x64006400;
-            sub.rn.f16x2 t, t, c;
-            mul.rn.f16x2 t, t, $3;
-            add.rn.f16x2 t, t, $4;
-            mov.b32 {$0, $1}, t; }""",
-            "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        return affine_pair(words & 0x00FF00FF, scale2, bias2, DTYPE)
 
 
 @triton.jit

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .. import interpreting
 from .decode import pack_geometry
-from .tiles import block_groups, block_words, nn_weight_tile, packed_planes, per_pack, slot_plane
+from .launch import MODE_IDS, TL_DTYPES, launch_fitting
+from .tiles import block_tiles, nn_weight_tile, packed_planes, per_pack, slot_plane
 
 SLAB_BYTES = 256 << 20  # at most this much dequantized weight at a time
 
@@ -42,12 +43,8 @@ def dequantize_nt_kernel(w_ptr, s_ptr, b_ptr, out_ptr, N, K, sw_r, sw_c, ss_r, s
     kb = tl.program_id(1)
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_mask = offs_n < N
-    w0, w1, w2, w3, w4 = block_words(w_ptr, kb, K, offs_n, n_mask, sw_r, sw_c, PER_PACK, WORDS, PACKS)
-    scale = block_groups(s_ptr, kb, K, offs_n, n_mask, ss_r, ss_c, GS, GROUPS)
-    if MODE == 0:
-        bias = block_groups(b_ptr, kb, K, offs_n, n_mask, sb_r, sb_c, GS, GROUPS)
-    else:
-        bias = scale
+    w0, w1, w2, w3, w4, scale, bias = block_tiles(w_ptr, s_ptr, b_ptr, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r, ss_c,
+                                                  sb_r, sb_c, MODE, GS, PER_PACK, WORDS, BLOCK_K)
     out_block = out_ptr + offs_n[:, None] * so_r + kb * BLOCK_K + tl.arange(0, PACKS)[None, :]
     if PACKED:
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, GROUPS, PACKS, DOT_DTYPE)
@@ -152,8 +149,6 @@ def _dequantize_config() -> tuple[int, int]:
 def prefill_qmm(out, x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, bk, splits,
                 weight_dtype, dot, packed):
     """out (M, N) = x @ dequantize(w_q).T (or without .T): x (M, Kx) is slot-major padded (transposed) or natural."""
-    from .qmm import MODE_IDS, TL_DTYPES, launch_fitting  # (qmm dispatches here; shared launch helpers)
-
     m, n = out.shape
     k = x.shape[-1] if not transpose else (w_q.shape[-1] * 32 // bits)
     per_pack, words, words_pow2 = pack_geometry(bits)

@@ -15,19 +15,16 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from .. import interpreting
 from .decode import pack_geometry
+from .launch import MODE_IDS, TL_DTYPES, launch_fitting
+from .prefill import prefill_qmm
 from .reduction import block_k, k_splits, slot_major
 from .tiles import (
-    block_groups, block_words, nn_weight_tile, packed_decoding, packed_planes, per_pack, slot_plane,
+    block_tiles, nn_weight_tile, packed_decoding, packed_planes, per_pack, slot_plane,
     slot_plane_runtime,
 )
-
-MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
 
 @triton.jit
 def _plane_dot(partial, plane, x_block, m_mask, SLOT: tl.constexpr, PACKS: tl.constexpr,
@@ -49,12 +46,8 @@ def _nt_block(partial, x_ptr, x_rows, w_base, s_base, b_base, kb, K, m_mask, off
     x_rows holds each token column's offset into x."""
     PACKS: tl.constexpr = BLOCK_K // PER_PACK
     GROUPS: tl.constexpr = BLOCK_K // GS
-    w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, PER_PACK, WORDS, PACKS)
-    scale = block_groups(s_base, kb, K, offs_n, n_mask, ss_r, ss_c, GS, GROUPS)
-    if MODE == 0:
-        bias = block_groups(b_base, kb, K, offs_n, n_mask, sb_r, sb_c, GS, GROUPS)
-    else:
-        bias = scale
+    w0, w1, w2, w3, w4, scale, bias = block_tiles(w_base, s_base, b_base, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r,
+                                                  ss_c, sb_r, sb_c, MODE, GS, PER_PACK, WORDS, BLOCK_K)
     x_block = x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
     if PACKED:
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, GROUPS, PACKS, DOT_DTYPE)
@@ -253,25 +246,7 @@ def weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dty
     return weight, dot
 
 
-_FITTING_STAGES: dict[tuple, int] = {}
-
-
-def launch_fitting(kernel, grid, stages: int, args: tuple, meta: dict) -> None:
-    """Launch `kernel` with the deepest software pipeline (num_stages <= stages) that fits in shared memory.
-
-    The pipeline depth changes only when loads are issued, never the arithmetic, so the bits do not depend on it."""
-    key = (kernel.fn.__name__, *meta.values())  # the dict is always built in the same order
-    stages = _FITTING_STAGES.get(key, stages)
-    while True:
-        try:
-            kernel[grid](*args, **meta, num_stages=stages)
-        except OutOfResources:
-            if stages == 1:
-                raise
-            stages -= 1
-            continue
-        _FITTING_STAGES[key] = stages
-        return
+PREFILL_MIN_M = 160  # H200, 8192^2: decode 116-125 us at M = 128, prefill 135-144 us at M = 256
 
 
 def _prefill_min_m() -> int | None:
@@ -281,9 +256,6 @@ def _prefill_min_m() -> int | None:
     if override:
         return int(override)
     return None if interpreting() else PREFILL_MIN_M
-
-
-PREFILL_MIN_M = 160  # H200, 8192^2: decode 116-125 us at M = 128, prefill 135-144 us at M = 256
 
 
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
@@ -312,8 +284,6 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     prefill_m = _prefill_min_m()
     if not indexed and prefill_m is not None and m >= prefill_m and dot in (x.dtype, torch.float32) and (
             dot != torch.float32 or interpreting()):
-        from .prefill import prefill_qmm
-
         prefill_qmm(out[0], x[0].contiguous(), w_q[0], scales[0], None if biases is None else biases[0], global_scale,
                     transpose, mode, group_size, bits, bk, splits, weight_dtype, dot, packed)
         return out.to(out_dtype)

@@ -60,6 +60,21 @@ def block_groups(ptr, kb, K, offs_n, n_mask, s_r, s_c, GS: tl.constexpr, GROUPS:
 
 
 @triton.jit
+def block_tiles(w_base, s_base, b_base, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                MODE: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Everything K block kb of rows offs_n needs: its word planes (block_words), scales and biases (N, GROUPS);
+    fp modes have no biases and get the scales in their place."""
+    w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, PER_PACK, WORDS, BLOCK_K // PER_PACK)
+    scale = block_groups(s_base, kb, K, offs_n, n_mask, ss_r, ss_c, GS, BLOCK_K // GS)
+    if MODE == 0:
+        bias = block_groups(b_base, kb, K, offs_n, n_mask, sb_r, sb_c, GS, BLOCK_K // GS)
+    else:
+        bias = scale
+    return w0, w1, w2, w3, w4, scale, bias
+
+
+@triton.jit
 def per_pack(tile, GROUPS: tl.constexpr, PACKS: tl.constexpr):
     """(N, GROUPS) group values -> (N, PACKS): each group's value repeated over its packs, in registers."""
     return tl.reshape(tl.broadcast_to(tile[:, :, None], (tile.shape[0], GROUPS, PACKS // GROUPS)),
