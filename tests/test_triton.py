@@ -8,6 +8,7 @@ import torch
 from conftest import dequantize_f64, quantize3, same_bits
 
 import lowbit
+from lowbit.formats import dequantize_groups, quantize_groups
 
 triton = pytest.importorskip("triton")
 GPU = torch.cuda.is_available()
@@ -216,6 +217,49 @@ def test_nvfp4_global_scale_float16_no_overflow(tensor_scale, gen):
     ref = x.double() @ dequantize_f64(q, mode="nvfp4", global_scale=g).to(DEVICE).T
     y = lowbit.quantized_matmul(x, *q, mode="nvfp4", global_scale=g)
     assert torch.isfinite(y).all() and rel_err(y, ref) < 2e-3
+
+
+def fake_quantized_f64(x, mode, global_scale=None):
+    """The activation oracle from the formats' torch code: quantize-dequantize in float32 (tensor scale applied)."""
+    q = quantize_groups(x, mode, *FP_GROUPS[mode], global_scale)
+    return dequantize_groups(*q, None, mode, *FP_GROUPS[mode], torch.float32, global_scale).double()
+
+
+FP_GROUPS = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
+
+
+@pytest.mark.parametrize("mode, gs, bits", FP_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_qqmm_matches_the_fake_quantized_oracle(mode, gs, bits, dtype, gen):
+    """qqmm = quantize-dequantize(x) @ dequantize(w).T, any M, every x dtype; gather_qqmm per routed expert."""
+    n, k = 67, gs * 9
+    w = randn(3, n, k, gen=gen, scale=k**-0.5)
+    w_q, scales = lowbit.quantize(w, mode=mode)
+    w_hat = dequantize_f64((w_q, scales, None), mode=mode)
+    for m in (1, 5):
+        x = randn(m, k, gen=gen, dtype=dtype)
+        y = lowbit.qqmm(x, w_q[1], scales[1], mode=mode)
+        assert y.dtype == dtype and rel_err(y, fake_quantized_f64(x, mode) @ w_hat[1].T) < tol(dtype)
+    x = randn(4, 1, k, gen=gen, dtype=dtype)
+    idx = torch.tensor([2, 0, 0, 1], device=DEVICE)
+    y = lowbit.gather_qqmm(x, w_q, scales, rhs_indices=idx, mode=mode)
+    ref = fake_quantized_f64(x, mode) @ w_hat[idx].transpose(-1, -2)
+    assert rel_err(y, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("tensor_scale", [1e-6, 1.0, 1e6])
+def test_qqmm_float16_tensor_scales_no_overflow(tensor_scale, gen):
+    """nvfp4 qqmm with float16 activations and tensor scales from 1e-6 to 1e6 on both operands: finite, and within
+    tolerance of the float64 oracle (the scales multiply the float32 accumulator before the cast)."""
+    k = 1024
+    w = randn(16, k, gen=gen, scale=tensor_scale)
+    x = randn(3, k, gen=gen, scale=1 / tensor_scale, dtype=torch.float16).clamp(-6e4, 6e4)
+    gw, gx = w.abs().max().float().reshape(1), x.abs().max().float().reshape(1)
+    w_q, scales = lowbit.quantize(w, mode="nvfp4", global_scale=gw)
+    w_hat = dequantize_f64((w_q, scales, None), mode="nvfp4", global_scale=gw).to(DEVICE)
+    y = lowbit.qqmm(x, w_q, scales, mode="nvfp4", global_scale_x=gx, global_scale_w=gw)
+    ref = fake_quantized_f64(x, "nvfp4", gx) @ w_hat.T
+    assert y.dtype == torch.float16 and torch.isfinite(y).all() and rel_err(y, ref) < 1e-2
 
 
 def test_triton_matches_cpu_backend(monkeypatch, gen):

@@ -50,6 +50,13 @@ def dequantize(w_q, scales, biases, mode, group_size, bits, dtype, global_scale)
     return out
 
 
+def fake_quantize(x, mode, group_size, bits, global_scale, dtype):
+    """quantize-dequantize of x (..., K) in an fp mode, in `dtype`, without the tensor scale (the caller applies
+    it): each value is a code times its block scale."""
+    x_q, scales = quantize(x, mode, group_size, bits, global_scale)
+    return dequantize(x_q, scales, None, mode, group_size, bits, dtype, None)
+
+
 def _weight_slabs(w_q, scales, biases, global_scale, transpose, mode, group_size, bits, weight_dtype):
     """Yield (n0, n1, w_slab) with w_slab = dequantized weight columns n0:n1 as (K, n1 - n0), float32.
 

@@ -19,6 +19,13 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
 
 
+def _min_keeping_first_zero(g: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The group minimum with MLX's sign of zero: its sequential min keeps the first of equal values, so a group
+    whose minimum is zero gets the sign of its first zero (only the 1-bit bias stores the minimum itself)."""
+    first_zero = (g == 0).to(torch.uint8).argmax(-1, keepdim=True)
+    return torch.where(lo == 0, torch.gather(g, -1, first_zero).squeeze(-1), lo)
+
+
 def quantize_affine(w: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (..., K) float -> (w_q uint32 (..., K*bits/32), scales (..., K/gs), biases (..., K/gs)).
 
@@ -29,7 +36,7 @@ def quantize_affine(w: torch.Tensor, group_size: int, bits: int) -> tuple[torch.
     lo, hi = g.amin(-1), g.amax(-1)
     if bits == 1:
         scale = torch.clamp_min(hi - lo, EPS)
-        bias = lo
+        bias = _min_keeping_first_zero(g, lo)
     else:
         # divide by a tensor: torch on CUDA turns division by a Python number into a multiply by its reciprocal,
         # which rounds differently from MLX's (and the CPU's) true division
@@ -43,14 +50,23 @@ def quantize_affine(w: torch.Tensor, group_size: int, bits: int) -> tuple[torch.
         bias = torch.where(exact_edge, edge, torch.zeros_like(edge))
     codes = torch.round((g - bias[..., None]) / scale[..., None]).clamp(0, n)
 
+    scale, bias = scale.to(w.dtype), bias.to(w.dtype)
     finite = torch.isfinite(g).all(-1)
     if not bool(finite.all()):
-        nan = torch.full_like(scale, float("nan"))
+        nan = _quiet_nan(w.dtype, w.device)
         scale, bias = torch.where(finite, scale, nan), torch.where(finite, bias, nan)
         codes = torch.where(finite[..., None], codes, torch.zeros_like(codes))
 
     codes = codes.to(torch.uint8).reshape(w.shape)
-    return pack_bits(codes, bits), scale.to(w.dtype), bias.to(w.dtype)
+    return pack_bits(codes, bits), scale, bias
+
+
+def _quiet_nan(dtype: torch.dtype, device) -> torch.Tensor:
+    """The positive quiet NaN of `dtype` from its bits: torch's float32 -> bfloat16 casts give other NaN payloads
+    depending on the code path, and stored bytes must not."""
+    bits, int_dtype = {torch.float32: (0x7FC00000, torch.int32), torch.float16: (0x7E00, torch.int16),
+                       torch.bfloat16: (0x7FC0, torch.int16)}[dtype]
+    return torch.tensor(bits, dtype=int_dtype, device=device).view(dtype)
 
 
 def dequantize_affine(

@@ -8,14 +8,15 @@ ignored. Gradients flow to x (fine-tuning adapters on frozen quantized weights).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..backends import backend_for
 from ..formats import ModeSpec, resolve_params
+from ..formats.nvfp4 import tensor_decode_scale
 from . import checks
-from .quantization import dequantize, quantize
+from .quantization import quantize
 
 FP_ACTIVATION_MODES = ("nvfp4", "mxfp8", "mxfp4")
 
@@ -304,15 +305,23 @@ def gather_qmm(
     return _gather(op, x, wt, lhs_indices, rhs_indices, wt.out_dtype(x), bool(sorted_indices))
 
 
-def _fake_quantize(op, x, mode, group_size, bits, global_scale):
-    """quantize-dequantize activations in float32; NaN/Inf propagate as NaN groups (activations never raise)."""
-    if x.shape[-1] % group_size:
+def _quantized_activations(op, x, wt: _Weight, global_scale_x) -> tuple[torch.Tensor, _Weight]:
+    """(quantize-dequantize of x, the weight with x's tensor scale folded into its own).
+
+    The activations come back without their tensor scale, each a code times its block scale: exact in bfloat16 (an
+    e2m1 or e4m3 code times a power of two or an e4m3 scale), so the matmul runs on bfloat16 operands whatever x's
+    dtype, and float16 activations cannot overflow. x's tensor factor global_scale_x / 2688 multiplies the weight's
+    in the float32 accumulator, before the cast to x's dtype. NaN/Inf propagate as NaN groups (activations never
+    raise)."""
+    if x.shape[-1] % wt.group_size:
         raise ValueError(
-            f"[{op}] The last dimension of x ({x.shape[-1]}) must be divisible by the group size {group_size}."
+            f"[{op}] The last dimension of x ({x.shape[-1]}) must be divisible by the group size {wt.group_size}."
         )
-    x2 = x.reshape(-1, x.shape[-1])
-    x_q, x_scales = quantize(x2, group_size, bits, mode, global_scale=global_scale, nonfinite="nan")
-    return dequantize(x_q, x_scales, None, group_size, bits, mode, global_scale, torch.float32).reshape(x.shape)
+    backend = backend_for(op, x.device)
+    x_hat = backend.fake_quantize(x, wt.spec.name, wt.group_size, wt.bits, global_scale_x, torch.bfloat16)
+    if global_scale_x is not None:
+        wt = replace(wt, global_scale=wt.global_scale.float() * tensor_decode_scale(global_scale_x))
+    return x_hat, wt
 
 
 def _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, global_scale_w, n_scale):
@@ -372,7 +381,7 @@ def qqmm(
     _check_x(op, x, wt)
     checks.check_same_device(op, global_scale_x=global_scale_x, x=x)
     _reject_activation_grad(op, x)
-    x_hat = _fake_quantize(op, x, mode, gs, b, global_scale_x)
+    x_hat, wt = _quantized_activations(op, x, wt, global_scale_x)
     return _matmul(op, x_hat, wt, x.dtype)
 
 
@@ -402,7 +411,7 @@ def gather_qqmm(
     _check_x(op, x, wt, min_ndim=2)
     checks.check_same_device(op, global_scale_x=global_scale_x, x=x)
     _reject_activation_grad(op, x)
-    x_hat = _fake_quantize(op, x, mode, gs, b, global_scale_x)
+    x_hat, wt = _quantized_activations(op, x, wt, global_scale_x)
     if lhs_indices is None and rhs_indices is None:
         return _matmul(op, x_hat, wt, x.dtype)
     return _gather(op, x_hat, wt, lhs_indices, rhs_indices, x.dtype, bool(sorted_indices))

@@ -33,9 +33,21 @@ def quantize(
     checks.check_global_scale(op, mode, global_scale)
     checks.check_same_device(op, w=w, global_scale=global_scale)
     checks.check_nonfinite_option(op, nonfinite)
-    if nonfinite == "raise":
-        checks.check_finite(op, "w", w)
-    return backend_for(op, w.device).quantize(w, mode, gs, b, global_scale)
+    out = backend_for(op, w.device).quantize(w, mode, gs, b, global_scale)
+    if nonfinite == "raise" and not _groups_look_finite(mode, out):
+        checks.check_finite(op, "w", w)  # w itself decides, and the message points at the first NaN/Inf
+    return out
+
+
+def _groups_look_finite(mode: str, out: tuple[torch.Tensor, ...]) -> bool:
+    """False when some group was stored as non-finite (NaN/Inf scale or bias, the MX / e4m3 NaN scale byte): a
+    group holding a NaN or Inf always is. One pass over the scales, not over w (a group of finite values can also
+    land here, e.g. an affine range that overflows float32; check_finite on w then lets it through)."""
+    if mode == "affine":
+        return bool(torch.isfinite(out[1]).all() & torch.isfinite(out[2]).all())
+    if mode == "nvfp4":
+        return bool(((out[1] & 0x7F) != 0x7F).all())
+    return bool((out[1] != 0xFF).all())
 
 
 def dequantize(

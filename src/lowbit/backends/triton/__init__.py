@@ -1,11 +1,12 @@
 """The Triton backend: GPU kernels (and, with TRITON_INTERPRET=1, the same kernels interpreted on CPU tensors).
 
-quantize and dequantize are the formats' torch code, which runs on the GPU as it is (Triton kernels for them are
-planned); every matmul runs qmm.py's kernels (decode kernel, or the prefill path of prefill.py for one large
-product).
+quantize runs quantizer.py's kernel (byte-identical to the formats' torch code), which also quantizes qqmm's
+activations (`fake_quantize`); dequantize is the formats' torch code, which runs on the GPU as it is; every matmul
+runs qmm.py's kernels (decode kernel, or the prefill path of prefill.py for one large product).
 """
 
-from ..cpu import dequantize, quantize
+from ..cpu import dequantize
 from .qmm import gather_qmm
+from .quantizer import fake_quantize, quantize
 
-__all__ = ["quantize", "dequantize", "gather_qmm"]
+__all__ = ["quantize", "dequantize", "fake_quantize", "gather_qmm"]

@@ -1,0 +1,133 @@
+"""Device-side encoding of MLX's formats, shared by the quantize kernels: the numerics of lowbit.formats' quantize
+functions written as @triton.jit helpers, bit for bit.
+
+Everything is float32 or integer arithmetic whose rounding is spelled out: true divisions are `div_rn` (Triton's
+`/` on float32 is an approximate division on the GPU), round-half-to-even is built from floor, and the fp8 and
+power-of-two encodings are integer manipulations of the float's bits, so the interpreter and the GPU agree.
+"""
+
+import triton
+import triton.language as tl
+
+_ROUND_MAGIC: tl.constexpr = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _as_float(bits):
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _as_bits(value):
+    return value.to(tl.float32).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def div_rn(a, b):
+    """a / b in float32, correctly rounded (torch's and MLX's division)."""
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def round_half_even(v):
+    """float32 -> the nearest integer, ties to even (torch.round), as float32; exact for every float32."""
+    f = tl.floor(v)
+    d = v - f  # exact wherever it decides anything (see the tests' sweep of every tie and its neighbours)
+    f_odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    r = f + tl.where((d > 0.5) | ((d == 0.5) & f_odd), 1.0, 0.0)
+    return tl.where(tl.abs(v) >= 8388608.0, v, r)  # from 2**23 on every float32 is an integer
+
+
+@triton.jit
+def round_small_half_even(v):
+    """round_half_even for |v| < 2**22 in two additions (the float32 sum rounds ties to even); larger |v| come back
+    large with the same sign, which is all a code clamp to [0, 255] needs."""
+    return (v + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+@triton.jit
+def group_min_keeping_first_zero(g, GS: tl.constexpr):
+    """min over the last axis of g (R, G, GS) with MLX's sign of zero: a minimum of zero takes the sign of the
+    group's first zero, as a sequential min does (lowbit.formats.affine)."""
+    lo = tl.min(g, axis=2)
+    pos = tl.arange(0, GS)[None, None, :]
+    first = tl.min(tl.where(g == 0.0, pos, GS), axis=2)
+    negative = tl.max(tl.where(pos == first[:, :, None], (_as_bits(g) >> 31) & 1, 0), axis=2)
+    return tl.where(lo == 0.0, _as_float(negative << 31), lo)
+
+
+@triton.jit
+def affine_params(lo, hi, BITS: tl.constexpr):
+    """A group's float32 (min, max) -> float32 (scale, bias) by MLX's rule (lowbit.formats.affine)."""
+    if BITS == 1:
+        return tl.maximum(hi - lo, 1e-7), lo
+    else:
+        n = (1 << BITS) - 1
+        scale = tl.maximum(div_rn(hi - lo, tl.full(lo.shape, n, tl.float32)), 1e-7)
+        edge_is_min = tl.abs(lo) > tl.abs(hi)
+        edge = tl.where(edge_is_min, lo, hi)
+        scale = tl.where(edge_is_min, scale, -scale)
+        q0 = round_half_even(div_rn(edge, scale))
+        exact_edge = q0 != 0.0
+        scale = tl.where(exact_edge, div_rn(edge, tl.where(exact_edge, q0, 1.0)), scale)
+        bias = tl.where(exact_edge, edge, 0.0)
+        return scale, bias
+
+
+@triton.jit
+def affine_codes(g, scale, bias, BITS: tl.constexpr):
+    """Values g (..., GS) float32 and their group's scale, bias (..., 1) -> int32 codes clamp(round((g - b) / s))."""
+    v = round_small_half_even(div_rn(g - bias, scale))
+    return tl.minimum(tl.maximum(v, 0.0), (1 << BITS) - 1).to(tl.int32)
+
+
+@triton.jit
+def e8m0_exponent_ceil(s):
+    """ceil(log2(s)) with the logarithm rounded to float32 (lowbit.formats.codecs.e8m0_exponent_ceil), for finite
+    s >= 0 (0 for s == 0), as int32, with integer arithmetic only.
+
+    Write s = 2**e * (1 + k / 2**23). For k = 0 the answer is e. Otherwise log2(s) lies in (e, e + 1) and its
+    float32 rounding is e exactly when log2(1 + k / 2**23) is below half the float32 spacing next to e, T = 2**q;
+    that holds when k < 2**(23 + q) * ln 2 (a bound never within 0.09 of an integer, so the first-order logarithm
+    decides exactly); else the rounding lies above e and the ceiling is e + 1."""
+    subnormal = s < 1.1754943508222875e-38
+    bits = _as_bits(tl.where(subnormal, s * 18446744073709551616.0, s))  # times 2**64: normal, exact
+    e = ((bits >> 23) & 0xFF) - 127 - tl.where(subnormal, 64, 0)
+    k = bits & 0x7FFFFF
+    ae = tl.abs(e)
+    p = ((_as_bits(ae.to(tl.float32)) >> 23) & 0xFF) - 127  # floor(log2(|e|)) for |e| >= 1
+    power_of_two = (ae & (ae - 1)) == 0
+    q = tl.where((e < 0) & power_of_two, p - 25, p - 24)  # below a power of two the float32 spacing halves
+    bound = 0.6931471805599453 * _as_float((23 + q + 127) << 23)
+    rounds_to_e = (k == 0) | ((e != 0) & (k.to(tl.float32) < bound))
+    exponent = tl.where(rounds_to_e, e, e + 1)
+    return tl.where(s == 0.0, 0, exponent)
+
+
+@triton.jit
+def power_of_two(exponent):
+    """2**exponent in float32 for int32 exponent in [-127, 127] (exact: 2**-127 is the subnormal 0x00400000)."""
+    return tl.where(exponent < -126, 5.877471754111438e-39, _as_float((exponent + 127) << 23))
+
+
+@triton.jit
+def e2m1_encode(q):
+    """float32 -> e2m1 nibble (int32): round half to even, saturate at 6, sign only on a non-zero code, NaN -> 0."""
+    a = tl.abs(q)
+    idx = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+           + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    return idx | tl.where((q < 0) & (idx > 0), 8, 0)
+
+
+@triton.jit
+def e4m3_encode(x):
+    """float32 -> e4m3fn byte (int32): clamp to +-448, round half to even, the sign always kept (-0 -> 0x80);
+    NaN and +-inf -> 0x7F with their sign (lowbit.formats.codecs.e4m3_encode)."""
+    sign = (_as_bits(x) >> 24) & 0x80
+    a = tl.minimum(tl.abs(x), 448.0)
+    bits = _as_bits(a)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)  # 3 mantissa bits, exponent bias 7
+    subnormal = round_half_even(a * 512.0).to(tl.int32)  # multiples of 2**-9 (8 is the smallest normal)
+    code = tl.where(a < 0.015625, subnormal, normal)
+    finite = tl.abs(x) < float("inf")
+    return tl.where(finite, code, 0x7F) | sign

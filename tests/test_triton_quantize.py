@@ -1,0 +1,163 @@
+"""The Triton quantize kernel: byte-identical to the CPU path (lowbit.formats) for every format, dtype and hard
+value (ties, subnormals, constant and zero groups, huge values, non-finite groups), and its device-side encoders
+checked one by one against lowbit.formats.codecs over sweeps of every deciding case. On the GPU when there is one,
+else interpreted on CPU tensors (TRITON_INTERPRET=1)."""
+
+import os
+
+import pytest
+import torch
+from conftest import ALL_CONFIGS, same_bits
+
+import lowbit
+from lowbit.formats import codecs
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from lowbit.backends.triton.encode import e4m3_encode, e8m0_exponent_ceil, round_half_even  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+E2M1_TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def hard_weight(rows: int, k: int, gs: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random rows over many magnitudes, then rows of the cases that decide roundings and edges."""
+    big = 1e4 if dtype == torch.float16 else 1e30
+    w = torch.randn(rows, k, generator=gen, dtype=torch.float64) * torch.logspace(-4, 4, rows, dtype=torch.float64)[:, None]
+    w[0] = 3.0  # constant groups
+    w[1] = 0.0
+    w[2] = -2.5
+    ties = torch.tensor(E2M1_TIES + (6.0,), dtype=torch.float64)
+    w[3] = ties.repeat(k // len(ties) + 1)[:k] * torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0)  # e2m1 ties
+    w[4] = torch.randn(k, generator=gen, dtype=torch.float64) * 1e-39  # float32 subnormals (0 in float16)
+    w[5] = torch.randn(k, generator=gen, dtype=torch.float64) * big
+    w[6] = 1.0 + torch.rand(k, generator=gen, dtype=torch.float64)  # one-signed groups
+    w[7] = (torch.arange(k) % gs) * 0.5 - 3.0  # affine codes on exact halves
+    w[8] = torch.where(torch.arange(k) % gs == 0, big, 1e-3)  # one outlier per group
+    return w.to(dtype)
+
+
+def both_backends(monkeypatch, fn):
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    ours = fn()
+    monkeypatch.setenv("LOWBIT_BACKEND", "cpu")
+    theirs = fn()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("mode, gs, bits", ALL_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_bytes_equal_the_cpu_path(monkeypatch, mode, gs, bits, dtype, gen):
+    w = hard_weight(12, 4 * max(gs, 32), gs, dtype, gen).to(DEVICE)
+    ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, gs, bits, mode))
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.device.type == DEVICE
+        assert same_bits(a, b.to(DEVICE))
+
+
+@pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("affine", 32, 3), ("mxfp4", 32, 4),
+                                            ("mxfp8", 32, 8), ("nvfp4", 16, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_groups_bytes_equal_the_cpu_path(monkeypatch, mode, gs, bits, dtype, gen):
+    """nonfinite="nan": groups holding NaN or +-inf get the same NaN scale (and bias) bytes and codes 0."""
+    w = hard_weight(9, 128, gs, dtype, gen)
+    w[0, 5], w[4, 70], w[6, 0] = float("nan"), float("inf"), float("-inf")
+    w = w.to(DEVICE)
+    ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, gs, bits, mode, nonfinite="nan"))
+    for a, b in zip(ours, theirs):
+        assert same_bits(a, b.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_scale", [1e-6, 0.37, 1.0, 1e6])
+def test_nvfp4_tensor_scale_bytes_equal_the_cpu_path(monkeypatch, dtype, tensor_scale, gen):
+    w = hard_weight(9, 64, 16, dtype, gen).to(DEVICE)
+    g = torch.tensor(tensor_scale, device=DEVICE)
+    ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, mode="nvfp4", global_scale=g))
+    for a, b in zip(ours, theirs):
+        assert same_bits(a, b.to(DEVICE))
+
+
+def test_quantize_batched_non_contiguous_and_empty(monkeypatch, gen):
+    w = torch.randn(3, 64, 10, generator=gen).to(DEVICE).transpose(-1, -2)  # (3, 10, 64), strided rows
+    ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, 32, 4))
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and same_bits(a, b.to(DEVICE))
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    empty = lowbit.quantize(torch.zeros(0, 64, device=DEVICE), 64, 4)
+    assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 1), (0, 1)]
+
+
+# --- the encoders, one at a time -----------------------------------------------------------------------------------
+
+@triton.jit
+def _encoder_kernel(x_ptr, out_ptr, n, WHICH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if WHICH == 0:
+        tl.store(out_ptr + offs, round_half_even(x), mask=mask)
+    elif WHICH == 1:
+        tl.store(out_ptr + offs, e8m0_exponent_ceil(x).to(tl.float32), mask=mask)
+    else:
+        tl.store(out_ptr + offs, e4m3_encode(x).to(tl.float32), mask=mask)
+
+
+def encode_on_device(x: torch.Tensor, which: int) -> torch.Tensor:
+    x = x.float().contiguous().to(DEVICE)
+    out = torch.empty_like(x)
+    block = 4096
+    _encoder_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), WHICH=which, BLOCK=block)
+    return out.cpu()
+
+
+def neighbours(x: torch.Tensor) -> torch.Tensor:
+    """x and the float32 values just below and above it."""
+    x = x.float()
+    return torch.cat([x, torch.nextafter(x, torch.full_like(x, -float("inf"))),
+                      torch.nextafter(x, torch.full_like(x, float("inf")))])
+
+
+def all_finite_float32_samples(gen, n=20000) -> torch.Tensor:
+    bits = torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    return x[torch.isfinite(x)]
+
+
+def test_round_half_even_matches_torch_round(gen):
+    ints = torch.cat([torch.arange(-1000, 1000), torch.randint(-(2**23), 2**23, (4000,), generator=gen)]).double()
+    x = torch.cat([neighbours(ints + 0.5), neighbours(ints), all_finite_float32_samples(gen),
+                   torch.tensor([2.0**22, 2.0**23, 2.0**24, -(2.0**23) - 2, 1e30, -0.0, float("inf"), float("nan")])])
+    assert torch.equal(encode_on_device(x, 0), torch.round(x), ) or torch.allclose(
+        encode_on_device(x, 0), torch.round(x), rtol=0, atol=0, equal_nan=True)
+
+
+def test_e8m0_exponent_ceil_matches_the_codec(gen):
+    """Every exponent with the mantissas that decide the float32 rounding of log2 (k < 64 ulps above a power of two),
+    mantissas just below the next power, random ones, and float32 subnormals."""
+    e = torch.arange(-149, 128, dtype=torch.float64)
+    k = torch.cat([torch.arange(64), torch.tensor([2**23 - 1, 2**22, 12345, 7654321])]).double()
+    s = (torch.ldexp(1 + k[None, :] / 2**23, e[:, None])).float().reshape(-1)
+    subnormal = torch.randint(1, 2**23, (5000,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    s = torch.cat([s, subnormal, all_finite_float32_samples(gen).abs(), torch.tensor([0.0])])
+    s = s[s < float("inf")]
+    assert torch.equal(encode_on_device(s, 1), codecs.e8m0_exponent_ceil(s))
+
+
+def test_e4m3_encode_matches_the_codec(gen):
+    """Every bfloat16 value, the midpoints between consecutive e4m3 values and their neighbours, beyond 448,
+    signed zeros and non-finite values."""
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    grid = codecs.e4m3_decode(torch.arange(0, 127, dtype=torch.uint8), torch.float32).double()
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([every_bf16, neighbours(midpoints), -neighbours(midpoints), all_finite_float32_samples(gen),
+                   torch.tensor([448.0, 449.0, 464.0, 465.0, 1e30, -1e30, 0.0, -0.0, float("inf"), -float("inf"),
+                                 float("nan")])])
+    assert torch.equal(encode_on_device(x, 2).to(torch.uint8), codecs.e4m3_encode(x))
