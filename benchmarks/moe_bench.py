@@ -8,6 +8,7 @@ copy bandwidth of this run. Prefill (4096 tokens): against torch._grouped_mm in 
 (the fastest bf16 way torch has; the sort is not timed for torch, while lowbit's time includes its own grouping).
 """
 
+import os
 import sys
 
 import torch
@@ -22,6 +23,17 @@ MODELS = (  # name, experts, top-k, N, K, formats
 )
 
 
+def kernels_of(call):
+    """Print the GPU kernels one call launches and their times (torch.profiler)."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"  {len(events)} GPU ops: " + ", ".join(f"{e.name[:40]} {e.device_time:.1f}us" for e in events), flush=True)
+
+
 def grouped_bf16(x_sorted, w_t, offsets):
     return torch._grouped_mm(x_sorted, w_t, offs=offsets)
 
@@ -34,8 +46,9 @@ def main():
              f"- torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s, bf16 {peak:.0f} TFLOP/s (this run)",
              "- decode: % of copy bandwidth over the bytes of the experts touched; prefill: time of torch bf16 "
              "`_grouped_mm` / lowbit time", "",
-             "| model | format | tokens | experts touched | µs | GB/s | % copy BW | bf16 grouped µs | vs bf16 | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | format | tokens | experts touched | µs | µs grouped by expert | GB/s | % copy BW | "
+             "bf16 grouped µs | vs bf16 | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name, experts, top_k, n, k, formats in MODELS:
         w_bf16 = (torch.randn(experts, n, k, device="cuda", generator=gen) / k**0.5).to(torch.bfloat16)
@@ -59,6 +72,13 @@ def main():
                 ref = torch.gather(every, 1, idx[:, :, None].expand(-1, -1, n)).double()
                 err = ((y[:, :, 0].double() - ref).abs().max() / ref.abs().max()).item()
                 us = graph_time_us([call])
+                grouped_us = float("nan")
+                if tokens <= 16:  # the same call with rows grouped by expert (the schedule) instead of per-item tiles
+                    os.environ["LOWBIT_GATHER_GROUP_ROWS"] = "1"
+                    grouped_us = graph_time_us([call])
+                    del os.environ["LOWBIT_GATHER_GROUP_ROWS"]
+                if tokens == 1 and mode == "mxfp4":
+                    kernels_of(call)
                 flat = idx.reshape(-1)
                 order = torch.argsort(flat, stable=True)
                 x_sorted = x.reshape(tokens, k)[order // top_k].contiguous()
@@ -71,8 +91,8 @@ def main():
                 touched = int(torch.unique(flat).numel())
                 moved = touched * per_expert + _nbytes(x) + tokens * top_k * n * 2
                 gbs = moved / (us * 1e-6) / 1e9
-                row = (f"| {name} | {mode}{bits} g{gs} | {tokens} | {touched} | {us:.1f} | {gbs:.0f} | "
-                       f"{100 * gbs * 1e9 / bw:.0f}% | {base:.1f} | {base / us:.2f}x | {err:.1e} |")
+                row = (f"| {name} | {mode}{bits} g{gs} | {tokens} | {touched} | {us:.1f} | {grouped_us:.1f} | "
+                       f"{gbs:.0f} | {100 * gbs * 1e9 / bw:.0f}% | {base:.1f} | {base / us:.2f}x | {err:.1e} |")
                 lines.append(row)
                 print(row, flush=True)
     if output:

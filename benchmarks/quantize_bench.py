@@ -1,6 +1,6 @@
 """quantize and qqmm on the GPU beside the limits and torch's own ways, in one run.
 
-Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/quantize_bench.py [output.md]
+Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/quantize_bench.py [output.md] [--sweep]
 
 1. quantize of a 14336 x 4096 bfloat16 weight (issue 4: >= 60% of copy bandwidth): the Triton kernel alone
    (CUDA graph), the op end to end (validation, finite check), and the same formats' torch code on the GPU
@@ -59,6 +59,33 @@ def quantize_table(bw):
     return lines
 
 
+SWEEP_TILES = ((16, 256, 4), (8, 256, 2), (8, 256, 4), (32, 256, 8), (16, 512, 8), (8, 512, 4), (4, 1024, 4),
+               (32, 128, 4), (64, 128, 8), (16, 128, 4))
+
+
+def tile_sweep(bw):
+    """Kernel time of each (BLOCK_R, BLOCK_C, warps) for a few formats (LOWBIT_QUANT_TILE)."""
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
+    copies = [w.clone() for _ in range(3)]
+    formats = (("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8))
+    lines = ["", "| tile (R, C, warps) | " + " | ".join(f"{m} {b}-bit µs" for m, _, b in formats) + " |",
+             "|---|" + "---|" * len(formats)]
+    print("\n".join(lines), flush=True)
+    for tile in SWEEP_TILES:
+        os.environ["LOWBIT_QUANT_TILE"] = ",".join(map(str, tile))
+        cells = []
+        for mode, gs, bits in formats:
+            try:
+                us = graph_time_us([lambda c=c: quantizer.quantize(c, mode, gs, bits, None) for c in copies], 6)
+                cells.append(f"{us:.1f}")
+            except Exception as e:  # a tile that does not compile or fit
+                cells.append(type(e).__name__)
+        lines.append(f"| {tile} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    del os.environ["LOWBIT_QUANT_TILE"]
+    return lines
+
+
 def qqmm_table(peak):
     n = k = 8192
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -97,14 +124,18 @@ def qqmm_table(peak):
 
 
 def main():
-    output = sys.argv[1] if len(sys.argv) > 1 else None
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    output = args[0] if args else None
     bw, peak = copy_bandwidth(), bf16_tflops()
     import triton
     head = [f"# quantize and qqmm on {torch.cuda.get_device_name(0)}", "",
             f"- torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s, "
             f"bf16 {peak:.0f} TFLOP/s (this run)", ""]
     print("\n".join(head), flush=True)
-    lines = head + quantize_table(bw) + qqmm_table(peak)
+    if "--sweep" in sys.argv:
+        lines = head + tile_sweep(bw)
+    else:
+        lines = head + quantize_table(bw) + qqmm_table(peak)
     if output:
         with open(output, "w") as f:
             f.write("\n".join(lines) + "\n")

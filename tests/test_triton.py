@@ -168,9 +168,10 @@ def test_gather_qmm_matches_oracle_and_is_invariant(mode, gs, bits, gen):
 
 
 @pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4), ("affine", 64, 8)])
-def test_moe_routing_grouped_by_expert(mode, gs, bits, gen):
+def test_moe_routing_grouped_by_expert(monkeypatch, mode, gs, bits, gen):
     """mlx-lm's SwitchGLU call: x (T, 1, 1, K), top-k expert indices (T, k). Rows are grouped by expert inside the
-    kernel; a token's output is bit-identical whoever else is routed with it, sorted or not."""
+    kernel (or, for few routed rows, run one tile per item); a token's output is bit-identical whoever else is
+    routed with it, sorted or not, grouped or not."""
     experts, tokens, top_k, k, n = (8, 24, 2, 128, 64) if not GPU else (32, 300, 4, 512, 256)
     w = quantize3(randn(experts, n, k, gen=gen, scale=k**-0.5, dtype=torch.bfloat16), gs, bits, mode)
     x = randn(tokens, 1, 1, k, gen=gen, dtype=torch.bfloat16)
@@ -182,6 +183,11 @@ def test_moe_routing_grouped_by_expert(mode, gs, bits, gen):
     assert rel_err(out[:, :, 0], ref) < 1e-2
     few = lowbit.gather_qmm(x[5:9], *w, rhs_indices=idx[5:9], transpose=True, group_size=gs, bits=bits, mode=mode)
     assert torch.equal(few, out[5:9])
+    for group_min_rows in ("1", "100000"):  # every call grouped by expert / every call one tile per item
+        monkeypatch.setenv("LOWBIT_GATHER_GROUP_ROWS", group_min_rows)
+        assert torch.equal(lowbit.gather_qmm(x[5:9], *w, rhs_indices=idx[5:9], transpose=True, group_size=gs,
+                                             bits=bits, mode=mode), few)
+    monkeypatch.delenv("LOWBIT_GATHER_GROUP_ROWS")
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     sorted_out = lowbit.gather_qmm(x.reshape(tokens, 1, k), *w, lhs_indices=(order // top_k), rhs_indices=flat[order],

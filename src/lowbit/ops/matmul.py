@@ -74,7 +74,8 @@ def _check_x(op: str, x, wt: _Weight, min_ndim: int = 1) -> None:
 def _collapsed_weight(wt: _Weight):
     """(w, scales, biases, global_scales, index_map) with w's stride-0 batch dims reduced to size 1 and flattened.
 
-    index_map maps a flat index over w's original batch dims to a flat index over the collapsed ones.
+    index_map maps a flat index over w's original batch dims to a flat index over the collapsed ones (None: the
+    identity).
     """
     batch = wt.w.shape[:-2]
     tensors = [t for t in (wt.w, wt.scales, wt.biases) if t is not None]
@@ -98,6 +99,8 @@ def _collapsed_weight(wt: _Weight):
         g = None
     else:
         g = wt.global_scale.reshape(-1).expand(n_experts) if wt.global_scale.numel() == 1 else wt.global_scale.reshape(-1)
+    if all(keep):  # nothing collapsed: indices stay as they are (no index kernel per call)
+        return w, s, b, g, None
     index_map = torch.arange(n_experts, device=wt.w.device).reshape(collapsed).expand(batch).reshape(-1)
     return w, s, b, g, index_map
 
@@ -166,7 +169,7 @@ def _gathered(op, x_flat, wt: _Weight, lhs, rhs_original, out_dtype, sorted_indi
         g = None if wt.global_scale is None else wt.global_scale.reshape(1)
         return _apply(x_flat, w, s, b, g, None, None, wt, out_dtype, sorted_indices)
     w, s, b, g, index_map = _collapsed_weight(wt)
-    rhs = index_map[rhs_original]
+    rhs = rhs_original if index_map is None else index_map[rhs_original]
     return _apply(x_flat, w, s, b, g, lhs, rhs, wt, out_dtype, sorted_indices)
 
 

@@ -9,7 +9,7 @@ power-of-two encodings are integer manipulations of the float's bits, so the int
 import triton
 import triton.language as tl
 
-_ROUND_MAGIC: tl.constexpr = 12582912.0  # 1.5 * 2**23
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
 
 @triton.jit

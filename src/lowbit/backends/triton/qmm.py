@@ -79,28 +79,35 @@ def _nt_block(partial, x_ptr, x_rows, w_base, s_base, b_base, kb, K, m_mask, off
 
 @triton.jit
 def qmm_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr, out_ptr,
+    part_ptr,
     M, N, K, n_rows, n_weights,
     sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUPED: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr,
+    ROUTING: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One tile of (BLOCK_N weights of one weight matrix) x (up to BLOCK_M output rows that use it), over all of K
     or one split of it.
 
-    Output rows are numbered item * M + m. A plain product has one weight and rows 0..M-1. A gathered product
-    (GROUPED) arrives as a schedule made by the launcher: rows sorted by the weight they use (`rows_ptr`), and per
-    tile the weight, the first sorted row and the row count (tiles past the schedule have weight n_weights and do
-    nothing). So a weight tile is decoded once for all the rows that use it, whoever else was routed with them.
+    Output rows are numbered item * M + m. ROUTING says how row tiles find their rows and weight:
+    - PLAIN: one product, one weight, rows 0..M-1;
+    - PER_ITEM: row tile i is gathered item i (its M <= BLOCK_M rows, weight rhs[i], x batch lhs[i]); no schedule
+      to build, for the few routed rows of decoding, where an expert is rarely shared;
+    - GROUPED: a schedule made by the launcher: rows sorted by the weight they use (`rows_ptr`), and per tile the
+      weight, the first sorted row and the row count (tiles past the schedule have weight n_weights and do nothing).
+      So a weight tile is decoded once for all the rows that use it, whoever else was routed with them.
+    Every mode runs the same arithmetic per row: a row's bits do not depend on the mode.
 
     The weight tile is the MMA's left operand (weights on the M side, rows on the N side: decode pads rows to 16,
     not 64); the accumulator is the transposed output tile."""
     pid = tl.program_id(0)
-    if GROUPED:
+    if ROUTING == 2:
         row_tiles = tl.cdiv(n_rows, BLOCK_M) + tl.minimum(n_weights, n_rows)  # the launcher's bound
+    elif ROUTING == 1:
+        row_tiles = n_rows // M
     else:
         row_tiles = tl.cdiv(n_rows, BLOCK_M)
     tiles = row_tiles * tl.cdiv(N, BLOCK_N)
@@ -116,13 +123,19 @@ def qmm_kernel(
     row_tile = tile % row_tiles  # consecutive programs share a weight tile (L2 reuse)
     pid_n = tile // row_tiles
     local = tl.arange(0, BLOCK_M)
-    if GROUPED:
+    if ROUTING == 2:
         weight = tl.load(tile_w_ptr + row_tile).to(tl.int64)
         m_mask = local < tl.load(tile_rows_ptr + row_tile)  # (0 rows in tiles past the schedule)
         rows = tl.load(rows_ptr + tl.load(tile_start_ptr + row_tile) + local, mask=m_mask, other=0).to(tl.int64)
         item = rows // M
         x_rows = tl.load(lhs_ptr + item, mask=m_mask, other=0).to(tl.int64) * sx_b + (rows % M) * sx_m
         weight = tl.minimum(weight, n_weights - 1)
+    elif ROUTING == 1:
+        item = row_tile.to(tl.int64)
+        m_mask = local < M
+        rows = item * M + local
+        weight = tl.load(rhs_ptr + item).to(tl.int64)
+        x_rows = tl.load(lhs_ptr + item).to(tl.int64) * sx_b + local * sx_m
     else:  # one plain product
         weight = 0
         rows = (row_tile * BLOCK_M + local).to(tl.int64)
@@ -258,6 +271,20 @@ def _prefill_min_m() -> int | None:
     return None if interpreting() else PREFILL_MIN_M
 
 
+PLAIN, PER_ITEM, GROUPED = 0, 1, 2  # qmm_kernel's ROUTING
+GROUP_MIN_ROWS = 64  # gathered products with fewer output rows (and M <= 16) run one row tile per item
+
+
+def _routing(indexed: bool, m: int, n_rows: int) -> int:
+    """How the kernel's row tiles find their rows and weights (see qmm_kernel). Grouping by weight reads each
+    expert once but costs a dozen small kernels to schedule; below GROUP_MIN_ROWS routed rows (decoding) the
+    per-item tiles are cheaper. LOWBIT_GATHER_GROUP_ROWS overrides the threshold (a benchmark knob)."""
+    if not indexed:
+        return PLAIN
+    group_min_rows = int(os.environ.get("LOWBIT_GATHER_GROUP_ROWS", GROUP_MIN_ROWS))
+    return PER_ITEM if m <= 16 and n_rows < group_min_rows else GROUPED
+
+
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
                sorted_indices=False):
     """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) or both None (one product) -> (I, M, N)."""
@@ -289,23 +316,26 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         return out.to(out_dtype)
     n_weights = w_q.shape[0]
     n_rows = n_items * m
+    routing = _routing(indexed, m, n_rows)
     block_m, block_n, warps, stages, split_in_grid = _tile_config(
-        -(-n_rows // min(n_weights, n_items)) if indexed else m)
+        -(-n_rows // min(n_weights, n_items)) if routing == GROUPED else m)
     per_pack, words, words_pow2 = pack_geometry(bits)
     split_in_grid = split_in_grid and splits > 1
     partials = (torch.empty(splits, n_rows, n, dtype=torch.float32, device=x.device) if split_in_grid
                 else out)
     b = biases if biases is not None else scales
     g = global_scale if global_scale is not None else scales
-    if indexed:
+    rows = tile_w = tile_start = tile_rows = scales  # (unused pointers)
+    if routing == GROUPED:
         rows, tile_w, tile_start, tile_rows, row_tiles = _schedule(rhs, m, n_weights, block_m)
-        lhs32 = lhs.to(torch.int32)
+    elif routing == PER_ITEM:
+        row_tiles = n_items
     else:
-        rows = tile_w = tile_start = tile_rows = lhs32 = scales
+        lhs = rhs = scales
         row_tiles = triton.cdiv(m, block_m)
     grid = (row_tiles * triton.cdiv(n, block_n) * (splits if split_in_grid else 1),)
     launch_fitting(qmm_kernel, grid, stages, (
-        x, w_q.view(torch.int32), scales, b, g, lhs32, rows, tile_w, tile_start, tile_rows, out, partials,
+        x, w_q.view(torch.int32), scales, b, g, lhs, rhs, rows, tile_w, tile_start, tile_rows, out, partials,
         m, n, k, n_rows, n_weights,
         *x.stride(), *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
     ), dict(
@@ -313,14 +343,14 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
         SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
         DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, GROUPED=indexed, PACKED=packed, UNROLL_SLOTS=unroll_slots,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, UNROLL_SLOTS=unroll_slots,
         INTERPRET=interpreting(), num_warps=warps,
     ))
     if split_in_grid:
         total = n_rows * n
         block = 1024
         fold_splits_kernel[(triton.cdiv(total, block),)](
-            partials, g, rhs.to(torch.int32) if indexed else scales, out, m * n, total, SPLITS=splits,
+            partials, g, rhs, out, m * n, total, SPLITS=splits,
             HAS_GLOBAL=global_scale is not None, INDEXED=indexed, BLOCK=block,
         )
     return out.to(out_dtype)

@@ -7,6 +7,8 @@ input (`fake_quantize`): the activations of qqmm, quantized on the fly, in one p
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -139,7 +141,11 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
 
 def _tile(k: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps); BLOCK_C covers whole groups and whole 32-code runs (K is a multiple of both
-    the group size and, for 3/5/6 bits, 32)."""
+    the group size and, for 3/5/6 bits, 32). LOWBIT_QUANT_TILE="R,C,warps" overrides (a benchmark knob)."""
+    override = os.environ.get("LOWBIT_QUANT_TILE")
+    if override:
+        r, c, warps = (int(v) for v in override.split(","))
+        return r, c, warps
     return 16, min(256, triton.next_power_of_2(max(k, 128))), 4
 
 
