@@ -183,6 +183,8 @@ def test_moe_routing_grouped_by_expert(monkeypatch, mode, gs, bits, gen):
     assert rel_err(out[:, :, 0], ref) < 1e-2
     few = lowbit.gather_qmm(x[5:9], *w, rhs_indices=idx[5:9], transpose=True, group_size=gs, bits=bits, mode=mode)
     assert torch.equal(few, out[5:9])
+    one = lowbit.gather_qmm(x[7:8], *w, rhs_indices=idx[7:8], transpose=True, group_size=gs, bits=bits, mode=mode)
+    assert torch.equal(one, out[7:8])  # one token: its index arrays are broadcast (stride-0) views
     for group_min_rows in ("1", "100000"):  # every call grouped by expert / every call one tile per item
         monkeypatch.setenv("LOWBIT_GATHER_GROUP_ROWS", group_min_rows)
         assert torch.equal(lowbit.gather_qmm(x[5:9], *w, rhs_indices=idx[5:9], transpose=True, group_size=gs,

@@ -326,6 +326,8 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     b = biases if biases is not None else scales
     g = global_scale if global_scale is not None else scales
     rows = tile_w = tile_start = tile_rows = scales  # (unused pointers)
+    if indexed:  # the kernels index them densely; broadcast index arrays arrive as stride-0 views
+        lhs, rhs = lhs.contiguous(), rhs.contiguous()
     if routing == GROUPED:
         rows, tile_w, tile_start, tile_rows, row_tiles = _schedule(rhs, m, n_weights, block_m)
     elif routing == PER_ITEM:
