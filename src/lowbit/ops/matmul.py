@@ -237,32 +237,40 @@ def quantized_matmul(
 
 
 def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:
-    size = checks.prod(default_batch)
     if idx is None:
-        return torch.arange(size, device=device).reshape(default_batch)
+        return torch.arange(checks.prod(default_batch), device=device).reshape(default_batch)
     checks.check_tensor(op, name, idx)
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise ValueError(f"[{op}] {name} must be an integer tensor but got dtype {idx.dtype}.")
     if idx.device != device:
         raise ValueError(f"[{op}] {name} must be on {device} like x but is on {idx.device}.")
-    idx = idx.long()  # MLX's own index dtype is uint32, which torch cannot reduce
-    # The range check reads the indices on the host, which a CUDA graph capture cannot do: it runs eagerly (the
-    # warm-up call before a capture checks the same routing code) and is skipped while capturing.
-    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-    if idx.numel() and not capturing:
-        lo, hi = int(idx.min()), int(idx.max())
+    return idx.long()  # MLX's own index dtype is uint32, which torch cannot reduce
+
+
+def _check_index_ranges(op: str, given: list[tuple[str, torch.Tensor, tuple]]) -> None:
+    """Every index within its flattened batch, read on the host in one transfer (one sync per call).
+
+    A CUDA graph capture cannot read device memory on the host: the check runs eagerly (the warm-up call before a
+    capture checks the same routing code) and is skipped while capturing."""
+    given = [(name, idx, batch) for name, idx, batch in given if idx.numel()]
+    if not given or (given[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    bounds = torch.stack([b for _, idx, _ in given for b in torch.aminmax(idx)]).tolist()
+    for (name, _, batch), lo, hi in zip(given, bounds[0::2], bounds[1::2]):
+        size = checks.prod(batch)
         if lo < 0 or hi >= size:
             raise ValueError(
                 f"[{op}] {name} holds index {lo if lo < 0 else hi}, out of range for the {size} matrices of the "
-                f"flattened batch dims {tuple(default_batch)}."
+                f"flattened batch dims {tuple(batch)}."
             )
-    return idx
 
 
 def _gather(op, x, wt: _Weight, lhs_indices, rhs_indices, out_dtype, sorted_indices):
     x_batch, w_batch = x.shape[:-2], wt.w.shape[:-2]
     lhs = _indices(op, "lhs_indices", lhs_indices, x_batch, x.device)
     rhs = _indices(op, "rhs_indices", rhs_indices, w_batch, x.device)
+    _check_index_ranges(op, [(name, idx, batch) for name, idx, batch, given in (
+        ("lhs_indices", lhs, x_batch, lhs_indices), ("rhs_indices", rhs, w_batch, rhs_indices)) if given is not None])
     batch = _broadcast(tuple(lhs.shape), tuple(rhs.shape))
     if batch is None:
         raise ValueError(
