@@ -205,8 +205,9 @@ def _nvfp4_repro(first, second, global_scale):
 
 @SLOW
 @given(weights(configs=[("nvfp4", 16, 4)]), st.sampled_from([1.0, 0.37, 3.0]))
-@example(*_nvfp4_repro(7.3125, 0.0, 39.0))  # multiply by 1/(g/2688), not divide by g/2688: byte 107
+@example(*_nvfp4_repro(7.3125, 0.0, 39.0))  # multiply by the encode factor, not divide by g/2688: byte 107
 @example(*_nvfp4_repro(5.0625, 2.1875, 49.0))  # same scale byte; element 1: MLX q = 2.5 (-> 2.0), lowbit 2.5000002 (-> 3.0)
+@example(*_nvfp4_repro(0.490234375, 0.283203125, 435.0))  # encode 2688 / g, not 1 / (g / 2688): q is the tie 3.5
 def test_nvfp4_global_scale_quantize_matches_mlx(case, global_factor):
     """nvfp4 with a tensor scale (global_scale = factor * amax) equals mx.quantize, exact fp4 ties aside."""
     mode, gs, bits, w = case
@@ -221,8 +222,9 @@ def test_nvfp4_global_scale_quantize_matches_mlx(case, global_factor):
 
 @pytest.mark.parametrize("first, second, global_scale", [(7.3125, 0.0, 39.0), (5.0625, 2.1875, 49.0)])
 def test_nvfp4_global_scale_encode_factor_regression(first, second, global_scale):
-    """Regression: MLX multiplies by the float32 encode factor 1 / (global_scale / 2688); dividing by the decode factor
-    rounds differently at these values."""
+    """Regression: MLX multiplies by the float32 encode factor 2688 / global_scale; dividing by the decode factor rounds
+    differently at these values. (Multiplying by 1 / (global_scale / 2688) instead moves an exact fp4 tie: the third
+    example of test_nvfp4_global_scale_quantize_matches_mlx, found by hypothesis.)"""
     (_, _, _, w), _ = _nvfp4_repro(first, second, global_scale)
     g = torch.tensor([global_scale])
     ours, ref = lowbit.quantize(w, mode="nvfp4", global_scale=g), mx_quantize(w, 16, 4, "nvfp4", g)

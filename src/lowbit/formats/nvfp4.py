@@ -16,6 +16,14 @@ GROUP_SIZE = 16
 TENSOR_SCALE_RANGE = codecs.E4M3_MAX * codecs.E2M1_MAX  # 2688
 
 
+def tensor_encode_scale(global_scale: torch.Tensor) -> torch.Tensor:
+    """MLX `global_scale` -> the float32 factor that quantize multiplies block scales and elements by: 2688 /
+    global_scale, one true division (MLX's arithmetic: 1 / (global_scale / 2688) differs by an ulp at times, which
+    moves exact fp4 ties)."""
+    g = global_scale.float().reshape(())
+    return torch.full_like(g, TENSOR_SCALE_RANGE) / g
+
+
 def tensor_decode_scale(global_scale: torch.Tensor) -> torch.Tensor:
     """MLX `global_scale` (the tensor amax) -> the float32 factor that block scales are multiplied by on decode."""
     g = global_scale.float().reshape(())
@@ -33,8 +41,7 @@ def quantize_nvfp4(
     g = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP_SIZE, GROUP_SIZE)
     amax = g.abs().amax(-1)
     s = (amax / torch.full_like(amax, codecs.E2M1_MAX)).float()  # a true division rounded to w's dtype, as MLX
-    # MLX's exact arithmetic: encode = 1 / (global_scale / 2688) in float32, then multiply.
-    encode = None if global_scale is None else 1.0 / tensor_decode_scale(global_scale)
+    encode = None if global_scale is None else tensor_encode_scale(global_scale)  # (MLX's arithmetic)
     scale_bytes = codecs.e4m3_encode(s if encode is None else s * encode)
     block_scale = codecs.e4m3_decode(scale_bytes, w.dtype)
     q = (g / block_scale[..., None]).float()  # divided in w's dtype, as MLX

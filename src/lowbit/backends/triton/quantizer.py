@@ -13,15 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats.nvfp4 import tensor_decode_scale
+from ...formats.nvfp4 import tensor_encode_scale
 from .. import interpreting
 from .decode import e2m1_value, e4m3_value, e8m0_value, round_to
 from .encode import (
-    affine_codes, affine_params, div_rn, group_min_keeping_first_zero, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, power_of_two,
+    affine_codes, affine_params, div_rn, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, group_min_keeping_first_zero,
+    power_of_two,
 )
 from .launch import MODE_IDS, TL_DTYPES
-
-ELEMENT_MAX = {1: 6.0, 2: 448.0}  # mxfp4, mxfp8
 
 
 @triton.jit
@@ -53,7 +52,7 @@ def _store_packed(q_ptr, codes, rows, r_mask, col0, K, n_words,
 
 
 @triton.jit
-def _stored_bits(value, finite, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def _stored_bits(value, finite, DTYPE: tl.constexpr):
     """float32 -> the bits of DTYPE (an integer of its width) that lowbit.formats stores: rounded to nearest even
     where `finite`, the quiet NaN elsewhere (the GPU's own NaN has another payload). bfloat16 is rounded with
     integer arithmetic (the interpreter's cast mangles subnormals)."""
@@ -70,8 +69,8 @@ def _stored_bits(value, finite, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, sw_r, sw_c,
                     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
-                    HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
     """Quantize rows of w (n_rows, K) in groups of GS: packed words to q, scales (and biases) to s (and b); with
     FAKE, write the dequantized values (float32 products of code and scale, without the tensor scale) to out."""
     G: tl.constexpr = BLOCK_C // GS
@@ -95,8 +94,8 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
         scale, bias = affine_params(lo, tl.max(g, axis=2), BITS)
         codes = affine_codes(g, scale[:, :, None], bias[:, :, None], BITS)
         codes = tl.where(finite[:, :, None], codes, 0)
-        tl.store(scale_ptrs, _stored_bits(scale, finite, W_DTYPE, INTERPRET), mask=g_mask)
-        tl.store(b_ptr + rows[:, None] * n_groups + group[None, :], _stored_bits(bias, finite, W_DTYPE, INTERPRET),
+        tl.store(scale_ptrs, _stored_bits(scale, finite, W_DTYPE), mask=g_mask)
+        tl.store(b_ptr + rows[:, None] * n_groups + group[None, :], _stored_bits(bias, finite, W_DTYPE),
                  mask=g_mask)
     elif MODE == 3:  # nvfp4: e4m3 block scale of amax / 6 (times the tensor scale's encode factor)
         s = round_to(div_rn(tl.max(tl.abs(g), axis=2), tl.full((BLOCK_R, G), 6.0, tl.float32)), W_DTYPE, INTERPRET)
@@ -130,8 +129,8 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
         else:
             values = e2m1_value(codes) * e4m3_value(scale)[:, :, None]
         values = tl.reshape(values, (BLOCK_R, BLOCK_C))
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], _stored_bits(values, values == values, OUT_DTYPE,
-                                                                            INTERPRET), mask=mask)
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], _stored_bits(values, values == values, OUT_DTYPE),
+                 mask=mask)
     else:
         if MODE != 0:
             tl.store(scale_ptrs, scale.to(tl.uint8), mask=g_mask)
@@ -152,8 +151,7 @@ def _tile(k: int) -> tuple[int, int, int]:
 def _encode_factor(global_scale, device):
     if global_scale is None:
         return None
-    # lowbit.formats.nvfp4's arithmetic, on the device: 1 / (global_scale / 2688) in float32
-    return (1.0 / tensor_decode_scale(global_scale.to(device))).reshape(1)
+    return tensor_encode_scale(global_scale.to(device)).reshape(1)  # lowbit.formats.nvfp4's arithmetic
 
 
 def _bits_view(t: torch.Tensor) -> torch.Tensor:
@@ -179,7 +177,8 @@ def _launch(w, mode, group_size, bits, global_scale, q, scales, biases, out):
         rows, dummy if q is None else q.view(torch.int32), dummy, dummy if biases is None else biases,
         dummy if out is None else out, dummy if encode is None else encode, n_rows, k, *rows.stride(),
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, W_DTYPE=TL_DTYPES[w.dtype], HAS_ENCODE=encode is not None,
-        FAKE=out is not None, OUT_DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c, INTERPRET=interpreting(), num_warps=warps,
+        FAKE=out is not None, OUT_DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c, INTERPRET=interpreting(),
+        num_warps=warps,
     )
 
 
