@@ -12,6 +12,7 @@ def fake_quant(x, mode, global_scale=None):
     return dequantize_f64(q, mode=mode, global_scale=global_scale).reshape(x.shape)
 
 
+@pytest.mark.skipif(mx is None, reason="MLX is the oracle here (the GPU machine has none)")
 @pytest.mark.parametrize("mode", ["nvfp4", "mxfp8", "mxfp4"])
 @pytest.mark.parametrize("n", [256, 512, 67])
 @pytest.mark.parametrize("k", [64, 256])
