@@ -104,3 +104,16 @@ def test_quantized_matmul_matches_mlx(gen):
         expected = to_torch(mx.quantized_matmul(to_mx(x), to_mx(q[0]), to_mx(q[1]), to_mx(biases), True, gs, bits, mode))
         got = lowbit.quantized_matmul(x, q[0], q[1], biases, True, gs, bits, mode)
         assert (got - expected).abs().max() < 1e-3
+
+
+def test_one_bit_bias_sign_of_zero_matches_mlx():
+    """A 1-bit group whose minimum is zero stores the sign of its first zero as its bias, as MLX's sequential min."""
+    rows = torch.zeros(4, 32, dtype=torch.float16)
+    rows[0, 2:4] = -0.0
+    rows[1, 0] = -0.0
+    rows[2, 1:] = -0.0
+    rows[3] = -0.0
+    ours = lowbit.quantize(rows, 32, 1)
+    theirs = [to_torch(t) for t in mx.quantize(to_mx(rows), 32, 1)]
+    for a, b in zip(ours, theirs):
+        assert same_bits(a, b)
