@@ -227,13 +227,13 @@ def test_nvfp4_global_scale_float16_no_overflow(tensor_scale, gen):
     assert torch.isfinite(y).all() and rel_err(y, ref) < 2e-3
 
 
+FP_GROUPS = {mode: (gs, bits) for mode, gs, bits in FP_MODES}
+
+
 def fake_quantized_f64(x, mode, global_scale=None):
     """The activation oracle from the formats' torch code: quantize-dequantize in float32 (tensor scale applied)."""
     q = quantize_groups(x, mode, *FP_GROUPS[mode], global_scale)
     return dequantize_groups(*q, None, mode, *FP_GROUPS[mode], torch.float32, global_scale).double()
-
-
-FP_GROUPS = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
 
 
 @pytest.mark.parametrize("mode, gs, bits", FP_MODES)

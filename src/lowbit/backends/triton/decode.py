@@ -59,7 +59,8 @@ def pack_group_tile(ptr, rows, row_mask, row_stride, col_stride, code_start, n_c
 
 
 @triton.jit
-def _float_bits(bits):
+def float_of_bits(bits):
+    """int32 bits -> the float32 they encode."""
     return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
 
@@ -68,7 +69,7 @@ def e2m1_value(code):
     """e2m1 nibble -> float32: +-{0, .5, 1, 1.5, 2, 3, 4, 6}, built from its bits (exact, no exp2)."""
     exponent = (code >> 1) & 3
     mantissa = code & 1
-    normal = _float_bits(((exponent + 126) << 23) | (mantissa << 22))
+    normal = float_of_bits(((exponent + 126) << 23) | (mantissa << 22))
     magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.5, normal)
     return tl.where((code & 8) != 0, -magnitude, magnitude)
 
@@ -78,7 +79,7 @@ def e4m3_value(code):
     """e4m3fn byte -> float32 (0x7F / 0xFF are NaN), built from its bits."""
     exponent = (code >> 3) & 15
     mantissa = code & 7
-    normal = _float_bits(((exponent + 120) << 23) | (mantissa << 20))
+    normal = float_of_bits(((exponent + 120) << 23) | (mantissa << 20))
     magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
     magnitude = tl.where((code & 127) == 127, float("nan"), magnitude)
     return tl.where((code & 128) != 0, -magnitude, magnitude)
@@ -87,7 +88,7 @@ def e4m3_value(code):
 @triton.jit
 def e8m0_value(code):
     """e8m0 byte -> float32 2**(b - 127); byte 0 is 2**-127 and 255 is +inf, as MLX."""
-    return tl.where(code == 0, 5.877471754111438e-39, _float_bits(code << 23))
+    return tl.where(code == 0, 5.877471754111438e-39, float_of_bits(code << 23))
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """Device-side encoding of MLX's formats, shared by the quantize kernels: the numerics of lowbit.formats' quantize
 functions written as @triton.jit helpers, bit for bit.
 
-Everything is float32 or integer arithmetic whose rounding is spelled out: true divisions are `div_rn` (Triton's
+Everything is float32 or integer arithmetic whose rounding is spelled out: true divisions are `tl.math.div_rn` (Triton's
 `/` on float32 is an approximate division on the GPU), round-half-to-even is built from floor, and the fp8 and
 power-of-two encodings are integer manipulations of the float's bits, so the interpreter and the GPU agree.
 """
@@ -9,23 +9,14 @@ power-of-two encodings are integer manipulations of the float's bits, so the int
 import triton
 import triton.language as tl
 
+from .decode import float_of_bits
+
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
-
-
-@triton.jit
-def _as_float(bits):
-    return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _as_bits(value):
     return value.to(tl.float32).to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def div_rn(a, b):
-    """a / b in float32, correctly rounded (torch's and MLX's division)."""
-    return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -53,7 +44,7 @@ def group_min_keeping_first_zero(g, GS: tl.constexpr):
     pos = tl.arange(0, GS)[None, None, :]
     first = tl.min(tl.where(g == 0.0, pos, GS), axis=2)
     negative = tl.max(tl.where(pos == first[:, :, None], (_as_bits(g) >> 31) & 1, 0), axis=2)
-    return tl.where(lo == 0.0, _as_float(negative << 31), lo)
+    return tl.where(lo == 0.0, float_of_bits(negative << 31), lo)
 
 
 @triton.jit
@@ -63,13 +54,13 @@ def affine_params(lo, hi, BITS: tl.constexpr):
         return tl.maximum(hi - lo, 1e-7), lo
     else:
         n = (1 << BITS) - 1
-        scale = tl.maximum(div_rn(hi - lo, tl.full(lo.shape, n, tl.float32)), 1e-7)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, n, tl.float32)), 1e-7)
         edge_is_min = tl.abs(lo) > tl.abs(hi)
         edge = tl.where(edge_is_min, lo, hi)
         scale = tl.where(edge_is_min, scale, -scale)
-        q0 = round_half_even(div_rn(edge, scale))
+        q0 = round_half_even(tl.math.div_rn(edge, scale))
         exact_edge = q0 != 0.0
-        scale = tl.where(exact_edge, div_rn(edge, tl.where(exact_edge, q0, 1.0)), scale)
+        scale = tl.where(exact_edge, tl.math.div_rn(edge, tl.where(exact_edge, q0, 1.0)), scale)
         bias = tl.where(exact_edge, edge, 0.0)
         return scale, bias
 
@@ -77,7 +68,7 @@ def affine_params(lo, hi, BITS: tl.constexpr):
 @triton.jit
 def affine_codes(g, scale, bias, BITS: tl.constexpr):
     """Values g (..., GS) float32 and their group's scale, bias (..., 1) -> int32 codes clamp(round((g - b) / s))."""
-    v = round_small_half_even(div_rn(g - bias, scale))
+    v = round_small_half_even(tl.math.div_rn(g - bias, scale))
     return tl.minimum(tl.maximum(v, 0.0), (1 << BITS) - 1).to(tl.int32)
 
 
@@ -98,7 +89,7 @@ def e8m0_exponent_ceil(s):
     p = ((_as_bits(ae.to(tl.float32)) >> 23) & 0xFF) - 127  # floor(log2(|e|)) for |e| >= 1
     power_of_two = (ae & (ae - 1)) == 0
     q = tl.where((e < 0) & power_of_two, p - 25, p - 24)  # below a power of two the float32 spacing halves
-    bound = 0.6931471805599453 * _as_float((23 + q + 127) << 23)
+    bound = 0.6931471805599453 * float_of_bits((23 + q + 127) << 23)
     rounds_to_e = (k == 0) | ((e != 0) & (k.to(tl.float32) < bound))
     exponent = tl.where(rounds_to_e, e, e + 1)
     return tl.where(s == 0.0, 0, exponent)
@@ -107,7 +98,7 @@ def e8m0_exponent_ceil(s):
 @triton.jit
 def power_of_two(exponent):
     """2**exponent in float32 for int32 exponent in [-127, 127] (exact: 2**-127 is the subnormal 0x00400000)."""
-    return tl.where(exponent < -126, 5.877471754111438e-39, _as_float((exponent + 127) << 23))
+    return tl.where(exponent < -126, 5.877471754111438e-39, float_of_bits((exponent + 127) << 23))
 
 
 @triton.jit

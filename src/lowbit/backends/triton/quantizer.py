@@ -15,12 +15,13 @@ import triton.language as tl
 
 from ...formats.nvfp4 import tensor_encode_scale
 from .. import interpreting
-from .decode import e2m1_value, e4m3_value, e8m0_value, round_to
+from .decode import e4m3_value, round_to
 from .encode import (
-    affine_codes, affine_params, div_rn, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, group_min_keeping_first_zero,
+    affine_codes, affine_params, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, group_min_keeping_first_zero,
     power_of_two,
 )
 from .launch import MODE_IDS, TL_DTYPES
+from .tiles import values_of
 
 
 @triton.jit
@@ -59,11 +60,17 @@ def _stored_bits(value, finite, DTYPE: tl.constexpr):
     if DTYPE == tl.float32:
         return tl.where(finite, value.to(tl.int32, bitcast=True), 0x7FC00000)
     elif DTYPE == tl.bfloat16:
-        bits = value.to(tl.int32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = round_to(value, tl.bfloat16, True).to(tl.int32, bitcast=True) >> 16  # (round_to's integer path)
         return tl.where(finite, rounded, 0x7FC0).to(tl.int16)
     else:
         return tl.where(finite, value.to(tl.float16).to(tl.int16, bitcast=True), 0x7E00).to(tl.int16)
+
+
+@triton.jit
+def _amax_over(g, element_max, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Each group's amax / element_max: a true division rounded to w's dtype (as MLX), kept in float32."""
+    amax = tl.max(tl.abs(g), axis=2)
+    return round_to(tl.math.div_rn(amax, tl.full(amax.shape, element_max, tl.float32)), DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -98,22 +105,21 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
         tl.store(b_ptr + rows[:, None] * n_groups + group[None, :], _stored_bits(bias, finite, W_DTYPE),
                  mask=g_mask)
     elif MODE == 3:  # nvfp4: e4m3 block scale of amax / 6 (times the tensor scale's encode factor)
-        s = round_to(div_rn(tl.max(tl.abs(g), axis=2), tl.full((BLOCK_R, G), 6.0, tl.float32)), W_DTYPE, INTERPRET)
+        s = _amax_over(g, 6.0, W_DTYPE, INTERPRET)
         if HAS_ENCODE:
             encode = tl.load(encode_ptr)
             scale_byte = e4m3_encode(s * encode)
         else:
             scale_byte = e4m3_encode(s)
         block_scale = e4m3_value(scale_byte)
-        q = round_to(div_rn(g, block_scale[:, :, None]), W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
+        q = round_to(tl.math.div_rn(g, block_scale[:, :, None]), W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
         if HAS_ENCODE:
             q = q * encode
         q = tl.where((block_scale == 0.0)[:, :, None] | ~finite[:, :, None], 0.0, q)
         codes = e2m1_encode(q)
         scale = tl.where(finite, scale_byte, 0x7F)
     else:  # mxfp4 / mxfp8: the power of two at or above amax / element max
-        emax = 6.0 if MODE == 1 else 448.0
-        s = round_to(div_rn(tl.max(tl.abs(g), axis=2), tl.full((BLOCK_R, G), emax, tl.float32)), W_DTYPE, INTERPRET)
+        s = _amax_over(g, 6.0 if MODE == 1 else 448.0, W_DTYPE, INTERPRET)
         exponent = tl.where(finite, e8m0_exponent_ceil(s), 0)
         scale_byte = tl.minimum(tl.maximum(exponent + 127, 0), 254)
         q = g * power_of_two(127 - scale_byte)[:, :, None]
@@ -121,13 +127,8 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
         codes = e2m1_encode(q) if MODE == 1 else e4m3_encode(q)
         scale = tl.where(finite, scale_byte, 0xFF)
 
-    if FAKE:  # quantize-dequantize: code value times the block scale, exact in float32
-        if MODE == 1:
-            values = e2m1_value(codes) * e8m0_value(scale)[:, :, None]
-        elif MODE == 2:
-            values = e4m3_value(codes) * e8m0_value(scale)[:, :, None]
-        else:
-            values = e2m1_value(codes) * e4m3_value(scale)[:, :, None]
+    if FAKE:  # quantize-dequantize: code value times the block scale, exact in float32 (dequantize's numerics)
+        values = values_of(codes, scale[:, :, None], scale[:, :, None], MODE, tl.float32, INTERPRET)
         values = tl.reshape(values, (BLOCK_R, BLOCK_C))
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], _stored_bits(values, values == values, OUT_DTYPE),
                  mask=mask)
