@@ -1,0 +1,62 @@
+"""QuantizedEmbedding: torch.nn.Embedding with a quantized table (MLX's module of the same name)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .weights import QuantizedWeight
+
+
+class QuantizedEmbedding(QuantizedWeight):
+    """Looks up rows of a quantized (num_embeddings, dims) table and dequantizes only those rows.
+
+    `as_linear(x)` multiplies by the table's transpose (tied output heads). `dtype` is the float dtype the rows come
+    back in: from_embedding keeps the embedding's dtype; by default it is MLX's (the affine scales' dtype, bfloat16
+    for the fp modes).
+    """
+
+    def __init__(self, num_embeddings: int, dims: int, group_size: int | None = None, bits: int | None = None,
+                 mode: str = "affine", dtype: torch.dtype | None = None):
+        super().__init__(group_size, bits, mode, "QuantizedEmbedding")
+        if dims % self.group_size:
+            raise ValueError(
+                f"[QuantizedEmbedding] dims ({dims}) must be a multiple of the group size {self.group_size}."
+            )
+        self.set_empty((num_embeddings,), dims)
+        self.dtype = dtype
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group_size: int | None = None, bits: int | None = None,
+                       mode: str = "affine") -> "QuantizedEmbedding":
+        num, dims = embedding.weight.shape
+        layer = cls(num, dims, group_size, bits, mode, dtype=embedding.weight.dtype)
+        layer.quantize_from(embedding.weight.detach())
+        return layer
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.reshape(-1)
+        rows = ops.dequantize(
+            self.weight[flat], self.scales[flat], None if self.biases is None else self.biases[flat],
+            self.group_size, self.bits, self.mode, self.global_scale, self.dtype,
+        )
+        return rows.reshape(*indices.shape, rows.shape[-1])
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ dequantize(table).T: the tied output head."""
+        return ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self.group_size, self.bits,
+                                    self.mode, global_scale=self.global_scale)
+
+    def dequantize(self) -> nn.Embedding:
+        """A float nn.Embedding holding the dequantized table."""
+        w = self.dequantized_weight(self.dtype)
+        return nn.Embedding.from_pretrained(w, freeze=False)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.input_dims}, group_size={self.group_size}, bits={self.bits}, "
+                f"mode={self.mode}")
