@@ -50,7 +50,7 @@ def _input_dims(module: nn.Module) -> int:
     return module.weight.shape[-1]
 
 
-def _quantizable(module: nn.Module) -> bool:
+def quantizable(module: nn.Module) -> bool:
     if isinstance(module, QuantizedWeight):
         return False
     return isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear)) or is_stacked_experts(module)
@@ -120,7 +120,7 @@ def quantize_model(
     for path, module in model.named_modules():
         if any(path.startswith(done + ".") for done, _ in candidates):
             continue  # inside a module already chosen (an experts module's children)
-        if _quantizable(module):
+        if quantizable(module):
             candidates.append((path, module))
 
     for path, module in candidates:

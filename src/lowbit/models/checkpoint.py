@@ -1,0 +1,161 @@
+"""MLX-format checkpoints: save and load quantized torch models exactly as mlx-lm does.
+
+Layout (mlx_lm/utils.py `save_model`, `save_config`, `load_model`): safetensors files `model.safetensors` or
+`model-0000i-of-0000n.safetensors` with metadata {"format": "mlx"} and a `model.safetensors.index.json`; tensors
+named by module path (`<p>.weight` uint32 codes, `<p>.scales`, `<p>.biases` for affine, `<p>.global_scale`,
+`<p>.bias`); `config.json` with the `quantization` block (global group_size / bits / mode plus per-layer entries)
+mirrored to `quantization_config`. Loading globs `model*.safetensors` (a copied index can be stale) and decides
+each layer as mlx-lm does: its entry in the quantization block if it has one, else quantized exactly when
+`<p>.scales` is present, with group size, bits and mode read off the tensors.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..nn import QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedSwitchLinear, SwitchLinear
+from ..nn.quantize_model import quantizable
+from ..nn.switch import is_stacked_experts
+
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """mlx-lm's make_shards: fill a shard in order until the next tensor would pass the limit."""
+    shards: list[dict] = []
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if not shards or size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def save_quantized(model: nn.Module, path: str | Path, quantization: dict, config: dict | None = None,
+                   max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `model`'s tensors and config.json (with `quantization`, as quantize_model returned it) to `path`.
+
+    `config` is the model's own config (for a transformers model: `model.config.to_dict()`); it is written with the
+    quantization block added and mirrored to `quantization_config`, keys sorted, as mlx-lm's save_config does.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
+    shards = _shards(tensors, max_shard_bytes)
+    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = pattern.format(i + 1, len(shards))
+        save_file(shard, str(path / name), metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    config = {k: v for k, v in dict(config or {}).items() if k != "_name_or_path"}
+    config["quantization"] = quantization
+    config["quantization_config"] = quantization
+    (path / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the `model*.safetensors` files in `path` (globbed, as mlx-lm does)."""
+    files = sorted(glob.glob(str(Path(path) / "model*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"No model*.safetensors files in {path}.")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def read_config(path: str | Path) -> dict:
+    config_file = Path(path) / "config.json"
+    return json.loads(config_file.read_text()) if config_file.exists() else {}
+
+
+def _inferred_params(path: str, tensors: dict, input_dims: int) -> dict:
+    """mlx-lm's infer_quant_config: group size and bits from the tensors' shapes, the mode from the scales' dtype."""
+    scales, weight = tensors[f"{path}.scales"], tensors[f"{path}.weight"]
+    group_size = input_dims // scales.shape[-1]
+    bits = weight.shape[-1] * 32 // input_dims
+    if scales.dtype != torch.uint8:
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    modes = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
+    if (bits, group_size) not in modes:
+        raise ValueError(f"[load_quantized] Cannot infer the quantization mode of {path}: {bits} bits with group "
+                         f"size {group_size}.")
+    return {"group_size": group_size, "bits": bits, "mode": modes[(bits, group_size)]}
+
+
+def _empty_quantized(module: nn.Module, params: dict, path: str, tensors: dict) -> nn.Module:
+    """A quantized module of `module`'s shapes, its buffers to be assigned from the checkpoint."""
+    gs, bits, mode = params["group_size"], params["bits"], params.get("mode", "affine")
+    global_scale = bool(params.get("global_scale")) or f"{path}.global_scale" in tensors
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, gs, bits, mode,
+                                  dtype=module.weight.dtype if module.weight.dtype.is_floating_point else None)
+    if isinstance(module, nn.Linear):
+        return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, gs, bits, mode,
+                               global_scale=global_scale)
+    if isinstance(module, SwitchLinear):
+        e, n, k = module.weight.shape
+        return QuantizedSwitchLinear(k, n, e, module.bias is not None, gs, bits, mode, global_scale)
+    e, two_inter, hidden = module.gate_up_proj.shape
+    gs_up = bool(params.get("global_scale")) or f"{path}.gate_up_proj.global_scale" in tensors
+    return QuantizedExperts(QuantizedSwitchLinear(hidden, two_inter, e, False, gs, bits, mode, gs_up),
+                            QuantizedSwitchLinear(two_inter // 2, hidden, e, False, gs, bits, mode, gs_up),
+                            module.act_fn)
+
+
+def _scales_name(path: str, module: nn.Module) -> str:
+    return f"{path}.gate_up_proj.scales" if is_stacked_experts(module) else f"{path}.scales"
+
+
+def _input_dims(module: nn.Module) -> int:
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    return module.weight.shape[-1]
+
+
+def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> dict:
+    """Make `model` (the float architecture, e.g. a transformers model built from the checkpoint's config) hold
+    the checkpoint in `path`: its quantized layers become lowbit modules and every tensor is assigned as stored
+    (dtypes kept). Returns the checkpoint's config."""
+    config = read_config(path)
+    tensors = load_tensors(path)
+    quantization = config.get("quantization") or config.get("quantization_config") or {}
+    if "quant_method" in quantization:
+        raise ValueError(f"[load_quantized] {path} holds a {quantization['quant_method']!r} checkpoint; lowbit "
+                         f"loads MLX-format quantization blocks (group_size / bits / mode).")
+    candidates = [(p, m) for p, m in model.named_modules() if quantizable(m)]
+    for p, module in candidates:
+        entry = quantization.get(p)
+        if entry is False:
+            continue
+        if isinstance(entry, dict):
+            params = {"mode": "affine", **entry}  # a per-layer dict without mode means affine (mlx-lm)
+        elif _scales_name(p, module) in tensors:
+            if is_stacked_experts(module):
+                params = _inferred_params(f"{p}.gate_up_proj", tensors, module.gate_up_proj.shape[-1])
+            else:
+                params = _inferred_params(p, tensors, _input_dims(module))
+        else:
+            continue
+        parent, _, name = p.rpartition(".")
+        setattr(model.get_submodule(parent), name, _empty_quantized(module, params, p, tensors))
+    model.load_state_dict(tensors, strict=strict, assign=True)
+    return config
