@@ -8,11 +8,13 @@ never a silent fallback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from types import ModuleType
 
-from . import cpu
+from . import cpu, meta
 
 BACKENDS = ("auto", "cpu", "triton")
 
@@ -38,8 +40,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within: every op runs the meta backend (fake tensors, torch.compile's tracing) and skips the checks that
+    read data (index ranges, non-finite weights); the real call checks them."""
+    before = getattr(_tracing, "active", False)
+    _tracing.active = True
+    try:
+        yield
+    finally:
+        _tracing.active = before
+
+
+def tracing_shapes() -> bool:
+    return getattr(_tracing, "active", False)
+
+
 def backend_for(op: str, device) -> ModuleType:
     """The backend module that serves `op` on `device`."""
+    if tracing_shapes():
+        return meta
     name = requested_backend()
     device = getattr(device, "type", device)
     if name == "cpu":

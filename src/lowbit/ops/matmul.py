@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..backends import backend_for
+from ..backends import backend_for, tracing_shapes
 from ..formats import ModeSpec, resolve_params
 from ..formats.nvfp4 import tensor_decode_scale
 from . import checks
-from .quantization import quantize
+from .quantization import eager_quantize
 
 FP_ACTIVATION_MODES = ("nvfp4", "mxfp8", "mxfp4")
 
@@ -211,7 +211,7 @@ def _matmul(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype) -> to
     return out.squeeze(-2) if x.ndim == 1 else out
 
 
-def quantized_matmul(
+def eager_quantized_matmul(
     x: torch.Tensor,
     w: torch.Tensor,
     /,
@@ -253,7 +253,7 @@ def _check_index_ranges(op: str, given: list[tuple[str, torch.Tensor, tuple]]) -
     A CUDA graph capture cannot read device memory on the host: the check runs eagerly (the warm-up call before a
     capture checks the same routing code) and is skipped while capturing."""
     given = [(name, idx, batch) for name, idx, batch in given if idx.numel()]
-    if not given or (given[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not given or tracing_shapes() or (given[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     bounds = torch.stack([b for _, idx, _ in given for b in torch.aminmax(idx)]).tolist()
     for (name, _, batch), lo, hi in zip(given, bounds[0::2], bounds[1::2]):
@@ -284,7 +284,7 @@ def _gather(op, x, wt: _Weight, lhs_indices, rhs_indices, out_dtype, sorted_indi
     return out.reshape(*batch, m, wt.n)
 
 
-def gather_qmm(
+def eager_gather_qmm(
     x: torch.Tensor,
     w: torch.Tensor,
     /,
@@ -357,7 +357,7 @@ def _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, gl
         checks.check_group_divisible(op, w, gs)
         if global_scale_w is not None and global_scale_w.numel() > 1:
             raise ValueError(f"[{op}] A float w is quantized with one global_scale_w; got {global_scale_w.numel()}.")
-        w, scales = quantize(w, gs, b, mode, global_scale=global_scale_w)
+        w, scales = eager_quantize(w, gs, b, mode, global_scale=global_scale_w)
     elif scales is None:
         raise ValueError(f"[{op}] scales must be provided when w is quantized (uint32).")
     return w, scales, gs, b
@@ -368,7 +368,7 @@ def _reject_activation_grad(op, x):
         raise ValueError(f"[{op}] Activation-quantized matmuls have no gradient; use quantized_matmul to train.")
 
 
-def qqmm(
+def eager_qqmm(
     x: torch.Tensor,
     w: torch.Tensor,
     scales: torch.Tensor | None = None,
@@ -396,7 +396,7 @@ def qqmm(
     return _matmul(op, x_hat, wt, x.dtype)
 
 
-def gather_qqmm(
+def eager_gather_qqmm(
     x: torch.Tensor,
     w: torch.Tensor,
     /,

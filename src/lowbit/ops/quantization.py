@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import backend_for
+from ..backends import backend_for, tracing_shapes
 from ..formats import codecs, resolve_params
 from . import checks
 
 
-def quantize(
+def eager_quantize(
     w: torch.Tensor,
     /,
     group_size: int | None = None,
@@ -34,7 +34,7 @@ def quantize(
     checks.check_same_device(op, w=w, global_scale=global_scale)
     checks.check_nonfinite_option(op, nonfinite)
     out = backend_for(op, w.device).quantize(w, mode, gs, b, global_scale)
-    if nonfinite == "raise" and not _groups_look_finite(mode, out):
+    if nonfinite == "raise" and not tracing_shapes() and not _groups_look_finite(mode, out):
         checks.check_finite(op, "w", w)  # w itself decides, and the message points at the first NaN/Inf
     return out
 
@@ -50,7 +50,7 @@ def _groups_look_finite(mode: str, out: tuple[torch.Tensor, ...]) -> bool:
     return bool((out[1] != 0xFF).all())
 
 
-def dequantize(
+def eager_dequantize(
     w: torch.Tensor,
     /,
     scales: torch.Tensor,
