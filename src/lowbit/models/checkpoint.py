@@ -20,7 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..nn import QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedSwitchLinear, SwitchLinear
+from ..nn import (
+    QQLinear, QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedSwitchLinear, SwitchLinear,
+)
 from ..nn.quantize_model import quantizable
 from ..nn.switch import is_stacked_experts
 
@@ -108,6 +110,8 @@ def _empty_quantized(module: nn.Module, params: dict, path: str, tensors: dict) 
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, gs, bits, mode,
                                   dtype=module.weight.dtype if module.weight.dtype.is_floating_point else None)
+    if isinstance(module, nn.Linear) and params.get("quantize_input"):
+        return QQLinear(module.in_features, module.out_features, gs, bits, mode, bias=module.bias is not None)
     if isinstance(module, nn.Linear):
         return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, gs, bits, mode,
                                global_scale=global_scale)

@@ -35,6 +35,12 @@ class QuantizedEmbedding(QuantizedWeight):
         layer.quantize_from(embedding.weight.detach())
         return layer
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.dtype is not None:  # .to(dtype) / .half() move the rows' dtype as they would nn.Embedding's
+            self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
     @property
     def num_embeddings(self) -> int:
         return self.weight.shape[0]

@@ -41,6 +41,10 @@ def _full_params(op: str, params: dict, path: str) -> dict:
                          f"group_size, bits, mode, global_scale, quantize_input.")
     mode = params.get("mode", "affine")
     _, gs, bits = resolve_params(op, mode, params.get("group_size"), params.get("bits"))
+    if params.get("global_scale") and mode != "nvfp4":
+        raise ValueError(f"[{op}] {path!r}: global_scale needs mode 'nvfp4' but got {mode!r}.")
+    if params.get("quantize_input") and mode not in ACTIVATION_MODES:
+        raise ValueError(f"[{op}] {path!r}: quantize_input needs a mode in {ACTIVATION_MODES}, got {mode!r}.")
     return {**params, "group_size": gs, "bits": bits, "mode": mode}
 
 
@@ -60,13 +64,11 @@ def _convert(module: nn.Module, params: dict) -> nn.Module:
     gs, bits, mode = params["group_size"], params["bits"], params["mode"]
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding.from_embedding(module, gs, bits, mode)
+    global_scale = bool(params.get("global_scale"))
     if isinstance(module, nn.Linear):
         if params.get("quantize_input"):
-            if mode not in ACTIVATION_MODES:
-                raise ValueError(f"[quantize_model] quantize_input needs a mode in {ACTIVATION_MODES}, got {mode!r}.")
             return QQLinear.from_linear(module, gs, bits, mode)
-        return QuantizedLinear.from_linear(module, gs, bits, mode)
-    global_scale = bool(params.get("global_scale"))
+        return QuantizedLinear.from_linear(module, gs, bits, mode, global_scale)
     if isinstance(module, SwitchLinear):
         return module.to_quantized(gs, bits, mode, global_scale)
     return QuantizedExperts.from_experts(module, gs, bits, mode, global_scale)
@@ -93,12 +95,10 @@ def quantize_model(
     op = "quantize_model"
     if not isinstance(model, nn.Module):
         raise ValueError(f"[{op}] model must be a torch.nn.Module but got {type(model).__name__}.")
+    defaults = {"group_size": group_size, "bits": bits, "mode": mode}
+    _full_params(op, {**defaults, "global_scale": global_scale, "quantize_input": quantize_input}, "every layer")
     _, gs, b = resolve_params(op, mode, group_size, bits)
-    if global_scale and mode != "nvfp4":
-        raise ValueError(f"[{op}] global_scale needs mode 'nvfp4' but got {mode!r}.")
     defaults = {"group_size": gs, "bits": b, "mode": mode}
-    layer_defaults = {**defaults, **({"quantize_input": True} if quantize_input else {}),
-                      **({"global_scale": True} if global_scale else {})}
     config = dict(config or {})
     patterns = [(re.compile(key[3:]), value) for key, value in config.items() if key.startswith("re:")]
     quantization: dict = dict(defaults)
@@ -123,13 +123,18 @@ def quantize_model(
         if quantizable(module):
             candidates.append((path, module))
 
+    plan = []  # every decision is made and checked before the first layer changes
     for path, module in candidates:
         choice = decide(path, module)
         if choice is False or choice is None:
             quantization[path] = False
             continue
         if choice is True:
-            params = layer_defaults
+            params = dict(defaults)
+            if quantize_input and isinstance(module, nn.Linear):
+                params["quantize_input"] = True
+            if global_scale and not isinstance(module, (nn.Linear, nn.Embedding)):
+                params["global_scale"] = True  # one tensor scale per expert, as mlx-lm (linears: none)
         elif isinstance(choice, dict):
             params = _full_params(op, choice, path)
         else:
@@ -138,12 +143,12 @@ def quantize_model(
             kept_float.append(f"{path} (input size {_input_dims(module)})")
             quantization[path] = False
             continue
+        plan.append((path, module, params))
+        if params != defaults:
+            quantization[path] = {k: v for k, v in params.items() if k not in ("quantize_input", "global_scale") or v}
+    for path, module, params in plan:
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, _convert(module, params))
-        if choice is not True:
-            quantization[path] = {k: v for k, v in params.items() if k != "quantize_input" or v}
-        elif global_scale and not isinstance(module, (nn.Linear, nn.Embedding)):
-            quantization[path] = dict(params)
     if kept_float:
         warnings.warn(f"[{op}] Kept in float, input size not a multiple of the group size: {', '.join(kept_float)}.",
                       stacklevel=2)

@@ -54,11 +54,20 @@ class QuantizedWeight(nn.Module):
         return self.weight.shape[-2]
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight these codes stand for (bit-exact with mx.dequantize)."""
-        return ops.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode,
-                              self.global_scale, dtype)
+        """The float weight these codes stand for (bit-exact with mx.dequantize); experts with a tensor scale each
+        are dequantized one by one."""
+        g = self.global_scale
+        if g is not None and g.numel() > 1:
+            return torch.stack([ops.dequantize(self.weight[e], self.scales[e], None, self.group_size, self.bits,
+                                               self.mode, g[e], dtype) for e in range(g.numel())])
+        return ops.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode, g, dtype)
 
     def _apply(self, fn, recurse=True):
+        if self.scales is not None and self.scales.is_floating_point():
+            cast = fn(torch.empty(0, dtype=self.scales.dtype)).dtype
+            if cast not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"[{type(self).__name__}] Quantized layers keep their scales in float16, bfloat16 or "
+                                 f"float32 (as the ops require); cannot cast them to {cast}.")
         g = self.global_scale
         super()._apply(fn, recurse)
         if g is not None:  # follow the device, never the dtype: the tensor scale is float32 by definition
