@@ -1134,3 +1134,11 @@ def test_llama_tied_embeddings_and_bf16():
         assert model.lm_head.scales.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.uint32
         logits = model(ids).logits  # (float32 today: see test_embedding_follows_module_dtype_cast)
     assert F.cosine_similarity(logits.float().flatten(), exact.flatten(), dim=0) > 0.99
+
+
+def test_quantize_model_refuses_a_bare_layer():
+    """The root module cannot be swapped in place: say so instead of returning a dict for a layer left float."""
+    layer = nn.Linear(64, 8)
+    with pytest.raises(ValueError, match=r"\[quantize_model\] model is itself a Linear"):
+        quantize_model(layer, 64, 4)
+    assert list(layer._modules) == []

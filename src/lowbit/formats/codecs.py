@@ -7,6 +7,8 @@ one place this differs from MLX's CPU fallback (exact fp4 ties).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -40,9 +42,16 @@ def e2m1_encode(q: torch.Tensor, ties_to_even: bool = True) -> torch.Tensor:
     return idx | (negative.to(torch.uint8) << 3)
 
 
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 16 e2m1 values on `device`, made once: a host-to-device copy per call would also break CUDA-graph
+    capture."""
+    return torch.tensor(E2M1_VALUES, dtype=dtype, device=device)
+
+
 def e2m1_decode(nibbles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """e2m1 nibbles (any integer dtype, values 0..15) -> values in `dtype` (all e2m1 values are exact in it)."""
-    lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=nibbles.device)
+    lut = _e2m1_table(dtype, nibbles.device)
     flat = torch.index_select(lut, 0, nibbles.reshape(-1).to(torch.int32))  # int32 indices: cheaper than int64
     return flat.reshape(nibbles.shape)
 

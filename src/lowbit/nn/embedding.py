@@ -47,8 +47,9 @@ class QuantizedEmbedding(QuantizedWeight):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.reshape(-1)
+        codes = self.weight.view(torch.int32)[flat].view(torch.uint32)  # CUDA has no uint32 gather
         rows = ops.dequantize(
-            self.weight[flat], self.scales[flat], None if self.biases is None else self.biases[flat],
+            codes, self.scales[flat], None if self.biases is None else self.biases[flat],
             self.group_size, self.bits, self.mode, self.global_scale, self.dtype,
         )
         return rows.reshape(*indices.shape, rows.shape[-1])

@@ -116,6 +116,9 @@ def quantize_model(
             return dict(router)
         return True
 
+    if quantizable(model):
+        raise ValueError(f"[{op}] model is itself a {type(model).__name__}, which cannot be replaced in place; use "
+                         f"QuantizedLinear.from_linear / QuantizedEmbedding.from_embedding, or pass its parent.")
     candidates = []
     for path, module in model.named_modules():
         if any(path.startswith(done + ".") for done, _ in candidates):

@@ -1,0 +1,75 @@
+"""Per-call host overhead of a quantized linear at decode (M = 1), eager and compiled, beside torch's nn.Linear.
+
+Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.py [output.md]
+Host time per call: N calls enqueued back to back without a sync, divided by N (the GPU queue is deep enough that
+the host never waits on it, so this is the time Python + dispatch + launch cost the CPU). GPU time per call: the
+same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU time is
+host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
+"""
+
+import sys
+import time
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.bench_cuda import graph_time_us
+from lowbit.nn import QuantizedLinear
+
+N_CALLS = 2000
+
+
+def host_us(call, n=N_CALLS) -> float:
+    for _ in range(50):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        call()
+    host = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main():
+    torch.manual_seed(0)
+    rows = []
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    linear = nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        rows.append(("torch nn.Linear bf16", host_us(lambda: linear(x)), graph_time_us([lambda: linear(x)])))
+        for mode, gs, bits in (("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4)):
+            q = QuantizedLinear.from_linear(linear, gs, bits, mode)
+            label = f"{mode} g{gs} b{bits}"
+            gpu = graph_time_us([lambda q=q: q(x)])
+            rows.append((f"QuantizedLinear {label}, eager", host_us(lambda q=q: q(x)), gpu))
+            rows.append((f"lowbit.quantized_matmul {label}, eager",
+                         host_us(lambda q=q: lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits,
+                                                                     mode)), gpu))
+            rows.append((f"torch.ops.lowbit.quantized_matmul {label} (the op a compiled graph calls)",
+                         host_us(lambda q=q: torch.ops.lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True,
+                                                                              gs, bits, mode, None)), gpu))
+            torch._dynamo.reset()
+            compiled = torch.compile(q, fullgraph=True)
+            rows.append((f"QuantizedLinear {label}, torch.compile", host_us(lambda c=compiled: c(x)), gpu))
+            torch._dynamo.reset()
+            graphed = torch.compile(q, mode="reduce-overhead", fullgraph=True)
+            rows.append((f"QuantizedLinear {label}, torch.compile reduce-overhead (CUDA graphs)",
+                         host_us(lambda c=graphed: c(x)), gpu))
+    lines = [
+        f"# Per-call overhead at decode, M = 1, 4096 x 4096 ({torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d')})",
+        "",
+        "| call | host µs / call | GPU µs / call (CUDA graph) |",
+        "|---|---|---|",
+    ] + [f"| {name} | {h:.1f} | {g:.1f} |" for name, h, g in rows]
+    text = "\n".join(lines)
+    print(text)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
