@@ -126,6 +126,14 @@ def test_qqlinear_compiles():
             assert torch.equal(y, layer(x))
 
 
+def _assert_compiled_gradient_equals_eager(loss, x):
+    loss(x).backward()
+    eager_grad, x.grad = x.grad.clone(), None
+    torch._dynamo.reset()
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(x).backward()
+    torch.testing.assert_close(x.grad, eager_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_through_compiled_op_equals_eager():
     _, (wq, s, b) = _quantized((48, 128), "affine", 64, 4)
     x = torch.randn(2, 3, 128, requires_grad=True)
@@ -134,11 +142,7 @@ def test_gradient_through_compiled_op_equals_eager():
     def loss(x):
         return ((lowbit.quantized_matmul(x, wq, s, b) - target) ** 2).sum()
 
-    loss(x).backward()
-    eager_grad, x.grad = x.grad.clone(), None
-    torch._dynamo.reset()
-    torch.compile(loss, backend="aot_eager", fullgraph=True)(x).backward()
-    torch.testing.assert_close(x.grad, eager_grad, rtol=1e-5, atol=1e-5)
+    _assert_compiled_gradient_equals_eager(loss, x)
 
 
 def test_gather_gradient_through_compiled_op_equals_eager():
@@ -149,11 +153,7 @@ def test_gather_gradient_through_compiled_op_equals_eager():
     def loss(x):
         return lowbit.gather_qmm(x, wq, s, b, lhs, rhs).square().sum()
 
-    loss(x).backward()
-    eager_grad, x.grad = x.grad.clone(), None
-    torch._dynamo.reset()
-    torch.compile(loss, backend="aot_eager", fullgraph=True)(x).backward()
-    torch.testing.assert_close(x.grad, eager_grad, rtol=1e-5, atol=1e-5)
+    _assert_compiled_gradient_equals_eager(loss, x)
 
 
 def test_compiled_errors_still_name_the_op():
