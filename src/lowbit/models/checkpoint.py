@@ -129,12 +129,6 @@ def _scales_name(path: str, module: nn.Module) -> str:
     return f"{path}.gate_up_proj.scales" if is_stacked_experts(module) else f"{path}.scales"
 
 
-def _input_dims(module: nn.Module) -> int:
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    return module.weight.shape[-1]
-
-
 def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> dict:
     """Make `model` (the float architecture, e.g. a transformers model built from the checkpoint's config) hold
     the checkpoint in `path`: its quantized layers become lowbit modules and every tensor is assigned as stored
@@ -156,7 +150,7 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> d
             if is_stacked_experts(module):
                 params = _inferred_params(f"{p}.gate_up_proj", tensors, module.gate_up_proj.shape[-1])
             else:
-                params = _inferred_params(p, tensors, _input_dims(module))
+                params = _inferred_params(p, tensors, module.weight.shape[-1])  # linears, embeddings, switch
         else:
             continue
         parent, _, name = p.rpartition(".")
