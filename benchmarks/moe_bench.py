@@ -8,12 +8,12 @@ copy bandwidth of this run. Prefill (4096 tokens): against torch._grouped_mm in 
 (the fastest bf16 way torch has; the sort is not timed for torch, while lowbit's time includes its own grouping).
 """
 
-import os
 import sys
 
 import torch
 
 import lowbit
+from lowbit.backends.triton.qmm import tuned
 from lowbit.bench_cuda import _nbytes, bf16_tflops, copy_bandwidth, graph_time_us
 
 MODELS = (  # name, experts, top-k, N, K, formats
@@ -74,9 +74,8 @@ def main():
                 us = graph_time_us([call])
                 grouped_us = float("nan")
                 if tokens <= 16:  # the same call with rows grouped by expert (the schedule) instead of per-item tiles
-                    os.environ["LOWBIT_GATHER_GROUP_ROWS"] = "1"
-                    grouped_us = graph_time_us([call])
-                    del os.environ["LOWBIT_GATHER_GROUP_ROWS"]
+                    with tuned(LOWBIT_GATHER_GROUP_ROWS="1"):
+                        grouped_us = graph_time_us([call])
                 if tokens == 1 and mode == "mxfp4":
                     kernels_of(call)
                 flat = idx.reshape(-1)

@@ -4,7 +4,6 @@ PYTHONPATH=src python benchmarks/prefill_probe.py
 2. the whole prefill path by GEMM tile config, M = 256 / 1024 / 4096, beside torch bf16;
 3. the decode kernel at M = 1 and 128 by tile config."""
 
-import os
 
 import torch
 import triton
@@ -12,6 +11,7 @@ import triton
 import lowbit
 from lowbit.backends.triton import launch, prefill
 from lowbit.backends.triton.decode import pack_geometry
+from lowbit.backends.triton.qmm import tuned
 from lowbit.backends.triton.reduction import block_k
 from lowbit.bench_cuda import _nbytes, _weights, bf16_tflops, copy_bandwidth, graph_time_us
 
@@ -19,14 +19,9 @@ N = K = 8192
 
 
 def env_time(env, calls):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with tuned(**env):
         calls[0]()
         return graph_time_us(calls)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def main():

@@ -4,12 +4,12 @@ Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/qmm_variants.py
 Prints one table: format, M, variant, microseconds, % of copy bandwidth, % of the bf16 matmul rate, bf16 time.
 """
 
-import os
 import sys
 
 import torch
 
 import lowbit
+from lowbit.backends.triton.qmm import tuned
 from lowbit.bench_cuda import L2_FLUSH_BYTES, _nbytes, _weights, bf16_tflops, copy_bandwidth, graph_time_us
 
 FORMATS = (("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4), ("affine", 64, 8))
@@ -22,16 +22,8 @@ VARIANTS = {  # name -> environment
 
 
 def with_env(env, fn):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with tuned(**env):
         return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main():

@@ -11,6 +11,7 @@ import lowbit
 from lowbit.formats import dequantize_groups, quantize_groups
 
 triton = pytest.importorskip("triton")
+from lowbit.backends.triton.qmm import forget_plans  # noqa: E402
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
@@ -25,6 +26,17 @@ FP_MODES = [f for f in FORMATS if f[0] != "affine"]
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    yield
+    forget_plans()  # (a test's tuning knobs must not outlive it)
+
+
+def tune(monkeypatch, name, value):
+    """Set a LOWBIT_* tuning knob; the kernels' cached plans read it again."""
+    if value is None:
+        monkeypatch.delenv(name)
+    else:
+        monkeypatch.setenv(name, value)
+    forget_plans()
 
 
 def randn(*shape, gen, dtype=torch.float32, scale=1.0):
@@ -99,8 +111,9 @@ def test_rows_bit_identical_across_batch_sizes(mode, gs, bits, gen):
     assert rel_err(whole, x.double() @ dequantize_f64(q, gs, bits, mode).to(DEVICE).T) < 1e-2
 
 
-PACKED_FORMATS = [("affine", 64, 4, torch.bfloat16), ("affine", 32, 4, torch.float16), ("affine", 64, 8, torch.bfloat16),
-                  ("affine", 128, 8, torch.float16), ("mxfp4", 32, 4, torch.bfloat16), ("nvfp4", 16, 4, torch.bfloat16),
+PACKED_FORMATS = [("affine", 64, 4, torch.bfloat16), ("affine", 32, 4, torch.float16),
+                  ("affine", 64, 8, torch.bfloat16), ("affine", 128, 8, torch.float16),
+                  ("mxfp4", 32, 4, torch.bfloat16), ("nvfp4", 16, 4, torch.bfloat16),
                   ("affine", 64, 3, torch.bfloat16), ("mxfp8", 32, 8, torch.bfloat16)]
 
 
@@ -115,7 +128,7 @@ def test_kernels_use_exactly_the_dequantized_values(monkeypatch, mode, gs, bits,
     w_hat = lowbit.dequantize(*q, gs, bits, mode, dtype=dtype)
     eye = torch.eye(k, dtype=dtype, device=DEVICE)
     expected = w_hat if transpose else w_hat.T
-    monkeypatch.setenv("LOWBIT_QMM_PREFILL_M", "128")
+    tune(monkeypatch, "LOWBIT_QMM_PREFILL_M", "128")
     assert same_bits(lowbit.quantized_matmul(eye[40:48], *q, transpose, gs, bits, mode), expected[:, 40:48].T)
     assert same_bits(lowbit.quantized_matmul(eye, *q, transpose, gs, bits, mode), expected.T)
 
@@ -131,9 +144,9 @@ def test_prefill_path_matches_oracle_and_decode(monkeypatch, mode, gs, bits, dty
     q = quantize3(randn(*shape, gen=gen, scale=k**-0.5, dtype=dtype), gs, bits, mode)
     w_hat = dequantize_f64(q, gs, bits, mode).to(DEVICE)
     x = randn(m, k, gen=gen, dtype=dtype)
-    monkeypatch.setenv("LOWBIT_QMM_PREFILL_M", "1")
+    tune(monkeypatch, "LOWBIT_QMM_PREFILL_M", "1")
     prefill = lowbit.quantized_matmul(x, *q, transpose, gs, bits, mode)
-    monkeypatch.setenv("LOWBIT_QMM_PREFILL_M", str(10**9))
+    tune(monkeypatch, "LOWBIT_QMM_PREFILL_M", str(10**9))
     decode = lowbit.quantized_matmul(x, *q, transpose, gs, bits, mode)
     assert rel_err(prefill, x.double() @ (w_hat.T if transpose else w_hat)) < 1e-2
     if GPU:
@@ -186,10 +199,10 @@ def test_moe_routing_grouped_by_expert(monkeypatch, mode, gs, bits, gen):
     one = lowbit.gather_qmm(x[7:8], *w, rhs_indices=idx[7:8], transpose=True, group_size=gs, bits=bits, mode=mode)
     assert torch.equal(one, out[7:8])  # one token: its index arrays are broadcast (stride-0) views
     for group_min_rows in ("1", "100000"):  # every call grouped by expert / every call one tile per item
-        monkeypatch.setenv("LOWBIT_GATHER_GROUP_ROWS", group_min_rows)
+        tune(monkeypatch, "LOWBIT_GATHER_GROUP_ROWS", group_min_rows)
         assert torch.equal(lowbit.gather_qmm(x[5:9], *w, rhs_indices=idx[5:9], transpose=True, group_size=gs,
                                              bits=bits, mode=mode), few)
-    monkeypatch.delenv("LOWBIT_GATHER_GROUP_ROWS")
+    tune(monkeypatch, "LOWBIT_GATHER_GROUP_ROWS", None)
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     sorted_out = lowbit.gather_qmm(x.reshape(tokens, 1, k), *w, lhs_indices=(order // top_k), rhs_indices=flat[order],
@@ -225,6 +238,27 @@ def test_nvfp4_global_scale_float16_no_overflow(tensor_scale, gen):
     ref = x.double() @ dequantize_f64(q, mode="nvfp4", global_scale=g).to(DEVICE).T
     y = lowbit.quantized_matmul(x, *q, mode="nvfp4", global_scale=g)
     assert torch.isfinite(y).all() and rel_err(y, ref) < 2e-3
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_gather_qmm_one_tensor_scale_for_all_experts(per_expert, gen):
+    """One nvfp4 tensor scale shared by every expert reaches the kernel as a stride-0 view: each expert must read
+    it through its stride (it once read past the one element: garbage for every expert but the first), with and
+    without split partials."""
+    experts, n = 4, 32
+    for k in (64, 2048):  # one K split, several
+        w = randn(experts, n, k, gen=gen)
+        g = (w.abs().amax((1, 2)) if per_expert else w.abs().max().reshape(1)).float()
+        q = [lowbit.quantize(w[e], mode="nvfp4", global_scale=g[e if per_expert else 0]) for e in range(experts)]
+        w_q, scales = torch.stack([t[0] for t in q]), torch.stack([t[1] for t in q])
+        w_hat = torch.stack([dequantize_f64((w_q[e], scales[e], None), mode="nvfp4",
+                                            global_scale=g[e if per_expert else 0]) for e in range(experts)])
+        x = randn(6, 1, k, gen=gen, scale=k**-0.5)
+        rhs = torch.tensor([3, 0, 1, 2, 3, 1], device=DEVICE)
+        y = lowbit.gather_qmm(x, w_q, scales, None, torch.arange(6, device=DEVICE), rhs, mode="nvfp4",
+                              global_scale=g)
+        ref = torch.stack([x[i, 0].double() @ w_hat[j].to(DEVICE).T for i, j in enumerate(rhs.tolist())])
+        assert rel_err(y[:, 0], ref) < 1e-3, k
 
 
 FP_GROUPS = {mode: (gs, bits) for mode, gs, bits in FP_MODES}

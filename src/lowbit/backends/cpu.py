@@ -104,10 +104,12 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
                sorted_indices=False):
     """out[i] = x[lhs[i]] @ dequantize(w[rhs[i]]) (.T if transpose), in float32, then out_dtype.
 
-    x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) int64, or both None for one product of x[0] and w[0] -> (I, M, N).
+    x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) int64, or both None for one product of x[0] and a 2-D w -> (I, M, N).
     Each distinct expert is dequantized once (slab by slab). `sorted_indices` is a hint only: results are identical
     either way.
     """
+    if w_q.ndim == 2:
+        w_q, scales, biases = (None if t is None else t.unsqueeze(0) for t in (w_q, scales, biases))
     if lhs is None:
         lhs = rhs = torch.zeros(1, dtype=torch.int64, device=x.device)
     n_items, m = lhs.shape[0], x.shape[-2]

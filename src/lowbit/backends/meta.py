@@ -32,6 +32,6 @@ def fake_quantize(x, mode, group_size, bits, global_scale, dtype):
 
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
                sorted_indices=False):
-    items = x.shape[0] if lhs is None else lhs.shape[0]
+    items = 1 if lhs is None else lhs.shape[0]  # (one product: x (1, M, K) and a 2-D w)
     n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
     return x.new_empty((items, x.shape[-2], n), dtype=out_dtype)

@@ -21,7 +21,7 @@ from .quantization import eager_quantize
 FP_ACTIVATION_MODES = ("nvfp4", "mxfp8", "mxfp4")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Weight:
     """A validated quantized weight and its parameters."""
 
@@ -69,6 +69,40 @@ def _check_x(op: str, x, wt: _Weight, min_ndim: int = 1) -> None:
             f"bits={wt.bits} and transpose={wt.transpose}."
         )
     checks.check_same_device(op, x=x, w=wt.w, scales=wt.scales, biases=wt.biases, global_scale=wt.global_scale)
+
+
+_PASSED: dict[tuple, tuple] = {}  # the static facts of argument sets that passed every check -> what they decide
+_MAX_PASSED = 4096
+
+
+def _facts(t) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _checked(op, x, w, scales, biases, transpose, group_size, bits, mode, global_scale, global_scale_numel=1,
+             min_ndim=1) -> tuple[_Weight, torch.dtype]:
+    """(the weight, the output dtype) of a matmul call whose arguments pass every check.
+
+    The checks read only static facts -- shapes, dtypes, devices, parameter values and their types -- so a set of
+    facts that passed once is not checked again (a decode step repeats the same few sets thousands of times)."""
+    try:
+        facts = (op, min_ndim, x.ndim, x.shape[-1] if x.ndim else None, x.dtype, x.device, _facts(w), _facts(scales),
+                 _facts(biases), _facts(global_scale), type(transpose), transpose, type(group_size), group_size,
+                 type(bits), bits, type(mode), mode)
+        passed = _PASSED.get(facts)
+    except (AttributeError, TypeError):  # not tensors, unhashable parameters: the checks below say what is wrong
+        facts = passed = None
+    if passed is None:
+        wt = _weight(op, w, scales, biases, transpose, group_size, bits, mode, global_scale, global_scale_numel)
+        _check_x(op, x, wt, min_ndim)
+        passed = (wt.spec, wt.group_size, wt.bits, wt.cols, wt.out_dtype(x))
+        if facts is not None:
+            if len(_PASSED) >= _MAX_PASSED:
+                _PASSED.clear()
+            _PASSED[facts] = passed
+        return wt, passed[4]
+    spec, gs, b, cols, out_dtype = passed
+    return _Weight(w, scales, biases, global_scale, spec, gs, b, transpose, w.shape[-2], cols), out_dtype
 
 
 def _collapsed_weight(wt: _Weight):
@@ -153,21 +187,22 @@ def _broadcast(a: tuple, b: tuple) -> tuple | None:
 
 
 def _reject_weight_grads(op: str, wt: _Weight) -> None:
+    if not torch.is_grad_enabled():
+        return
     for name in ("scales", "biases", "global_scale"):
         t = getattr(wt, name)
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
+        if t is not None and t.requires_grad:
             raise ValueError(f"[{op}] Gradients are supported with respect to x only, but {name} requires grad.")
 
 
 def _gathered(op, x_flat, wt: _Weight, lhs, rhs_original, out_dtype, sorted_indices=False):
     """Run the gathered product with rhs indexing w's original flat batch; returns (I, M, N).
 
-    lhs = rhs = None means one plain product (no batch dims anywhere): no index arrays are made."""
+    lhs = rhs = None means one plain product of x_flat[0] and a 2-D w: no index arrays are made."""
     _reject_weight_grads(op, wt)
     if rhs_original is None:
-        w, s, b = (None if t is None else t.unsqueeze(0) for t in (wt.w, wt.scales, wt.biases))
         g = None if wt.global_scale is None else wt.global_scale.reshape(1)
-        return _apply(x_flat, w, s, b, g, None, None, wt, out_dtype, sorted_indices)
+        return _apply(x_flat, wt.w, wt.scales, wt.biases, g, None, None, wt, out_dtype, sorted_indices)
     w, s, b, g, index_map = _collapsed_weight(wt)
     rhs = rhs_original if index_map is None else index_map[rhs_original]
     return _apply(x_flat, w, s, b, g, lhs, rhs, wt, out_dtype, sorted_indices)
@@ -175,7 +210,7 @@ def _gathered(op, x_flat, wt: _Weight, lhs, rhs_original, out_dtype, sorted_indi
 
 def _apply(x, w, scales, biases, global_scale, lhs, rhs, wt: _Weight, out_dtype, sorted_indices):
     """Through autograd only when a gradient is wanted (the Function costs tens of microseconds per call)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if x.requires_grad and torch.is_grad_enabled():
         return _GatherQMM.apply(x, w, scales, biases, global_scale, lhs, rhs, wt, out_dtype, sorted_indices)
     return _run(x, w, scales, biases, global_scale, lhs, rhs, wt, out_dtype, sorted_indices)
 
@@ -190,22 +225,18 @@ def _run(x, w, scales, biases, global_scale, lhs, rhs, wt: _Weight, out_dtype, s
 
 def _matmul(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype) -> torch.Tensor:
     """x (..., K) times the (broadcast) batched weight, torch.matmul broadcasting rules."""
+    w_batch = tuple(wt.w.shape[:-2])
+    if not w_batch:  # one weight: x's batch rows are just more rows (one product, the prefill path's shape)
+        return _gathered(op, x.reshape(1, -1, wt.k), wt, None, None, out_dtype).reshape(*x.shape[:-1], wt.n)
     x2 = x.unsqueeze(0) if x.ndim == 1 else x
-    x_batch, w_batch = tuple(x2.shape[:-2]), tuple(wt.w.shape[:-2])
+    x_batch = tuple(x2.shape[:-2])
     batch = _broadcast(x_batch, w_batch)
     if batch is None:
         raise ValueError(f"[{op}] The batch dimensions of x {x_batch} and w {w_batch} cannot be broadcast together.")
     device = x.device
     m = x2.shape[-2]
-    if batch and not w_batch:  # one weight: x's batch rows are just more rows (one product, the prefill path's shape)
-        out = _gathered(op, x2.reshape(1, -1, wt.k), wt, None, None, out_dtype)
-        out = out.reshape(*batch, m, wt.n)
-        return out.squeeze(-2) if x.ndim == 1 else out
-    if batch:
-        lhs = torch.arange(checks.prod(x_batch), device=device).reshape(x_batch).expand(batch).reshape(-1)
-        rhs = torch.arange(checks.prod(w_batch), device=device).reshape(w_batch).expand(batch).reshape(-1)
-    else:  # the common 2-D case: no index arrays
-        lhs = rhs = None
+    lhs = torch.arange(checks.prod(x_batch), device=device).reshape(x_batch).expand(batch).reshape(-1)
+    rhs = torch.arange(checks.prod(w_batch), device=device).reshape(w_batch).expand(batch).reshape(-1)
     out = _gathered(op, x2.reshape(-1, m, wt.k), wt, lhs, rhs, out_dtype)
     out = out.reshape(*batch, m, wt.n)
     return out.squeeze(-2) if x.ndim == 1 else out
@@ -231,9 +262,8 @@ def eager_quantized_matmul(
     keep x's dtype. `global_scale` (nvfp4, a float32 scalar) is a lowbit extension.
     """
     op = "quantized_matmul"
-    wt = _weight(op, w, scales, biases, transpose, group_size, bits, mode, global_scale)
-    _check_x(op, x, wt)
-    return _matmul(op, x, wt, wt.out_dtype(x))
+    wt, out_dtype = _checked(op, x, w, scales, biases, transpose, group_size, bits, mode, global_scale)
+    return _matmul(op, x, wt, out_dtype)
 
 
 def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:
@@ -309,11 +339,11 @@ def eager_gather_qmm(
     """
     op = "gather_qmm"
     n_experts = checks.prod(w.shape[:-2]) if isinstance(w, torch.Tensor) else 1
-    wt = _weight(op, w, scales, biases, transpose, group_size, bits, mode, global_scale, (1, n_experts))
-    _check_x(op, x, wt, min_ndim=2)
+    wt, out_dtype = _checked(op, x, w, scales, biases, transpose, group_size, bits, mode, global_scale,
+                             (1, n_experts), min_ndim=2)
     if lhs_indices is None and rhs_indices is None:
-        return _matmul(op, x, wt, wt.out_dtype(x))
-    return _gather(op, x, wt, lhs_indices, rhs_indices, wt.out_dtype(x), bool(sorted_indices))
+        return _matmul(op, x, wt, out_dtype)
+    return _gather(op, x, wt, lhs_indices, rhs_indices, out_dtype, bool(sorted_indices))
 
 
 def _quantized_activations(op, x, wt: _Weight, global_scale_x) -> tuple[torch.Tensor, _Weight]:

@@ -1,30 +1,83 @@
-"""Host-side launch helpers shared by the Triton kernels' launchers (qmm.py, prefill.py)."""
+"""Host-side launching of the Triton kernels.
+
+`JITFunction.run` re-derives a kernel's specialization from every argument on every call (tens of microseconds
+of host time per launch, more than a decode matmul's GPU time). A `Launcher` fixes a kernel's compile-time
+parameters once; it launches the first call of each argument signature through Triton (which compiles, and here
+finds the deepest software pipeline that fits in shared memory) and every later call of that signature straight
+through the compiled binary's launcher. The signature holds what Triton specializes on -- every integer argument's
+value, every tensor's dtype and 16-byte alignment -- and the current device, so the binary reused is the one
+Triton would pick.
+"""
 
 from __future__ import annotations
 
 import torch
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
+from triton.runtime.jit import JITFunction
 
 MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-_FITTING_STAGES: dict[tuple, int] = {}
+_MAX_SIGNATURES = 4096  # per launcher; past it the table starts over (each entry is a reference to a binary)
 
 
-def launch_fitting(kernel, grid, stages: int, args: tuple, meta: dict) -> None:
-    """Launch `kernel` with the deepest software pipeline (num_stages <= stages) that fits in shared memory.
+class Launcher:
+    """One @triton.jit kernel with its constexprs, num_warps and (at most) num_stages fixed."""
 
-    The pipeline depth changes only when loads are issued, never the arithmetic, so the bits do not depend on it."""
-    key = (kernel.fn.__name__, *meta.values())  # the dict is always built in the same order
-    stages = _FITTING_STAGES.get(key, stages)
-    while True:
-        try:
-            kernel[grid](*args, **meta, num_stages=stages)
-        except OutOfResources:
-            if stages == 1:
-                raise
-            stages -= 1
-            continue
-        _FITTING_STAGES[key] = stages
-        return
+    def __init__(self, kernel, num_warps: int, num_stages: int, constexprs: dict):
+        self.kernel = kernel
+        self.num_warps = num_warps
+        self.num_stages = num_stages  # lowered, once, to what fits in shared memory
+        self.constexprs = constexprs
+        self.compiled = isinstance(kernel, JITFunction)  # (with TRITON_INTERPRET=1, Triton's interpreted function)
+        self._binaries: dict[tuple, object] = {}
+        self._tail: tuple | None = None  # the constexpr values, in the kernel's parameter order after the runtime args
+
+    def __call__(self, grid: tuple, *args) -> None:
+        """Launch on `grid` (a tuple of up to 3 ints) with the kernel's runtime arguments, positionally."""
+        if not self.compiled:
+            self.kernel[grid](*args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+            return
+        device = torch.cuda.current_device()
+        signature = (device, *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+                               for a in args])
+        binary = self._binaries.get(signature)
+        if binary is None or knobs.runtime.launch_enter_hook is not None:  # (a profiler's hooks see every launch)
+            self._first_launch(grid, args, signature)
+            return
+        grid_1 = grid[1] if len(grid) > 1 else 1
+        grid_2 = grid[2] if len(grid) > 2 else 1
+        binary.run(grid[0], grid_1, grid_2, driver.active.get_current_stream(device), binary.function,
+                   binary.packed_metadata, None, None, None, *args, *self._tail)
+
+    def _first_launch(self, grid, args, signature) -> None:
+        while True:
+            try:
+                binary = self.kernel[grid](*args, **self.constexprs, num_warps=self.num_warps,
+                                           num_stages=self.num_stages)
+                break
+            except OutOfResources:  # the pipeline depth changes when loads are issued, never the arithmetic
+                if self.num_stages == 1:
+                    raise
+                self.num_stages -= 1
+        if self._tail is None:
+            names = self.kernel.arg_names[len(args):]
+            self._tail = tuple(self.constexprs[name] for name in names)
+        if len(self._binaries) >= _MAX_SIGNATURES:
+            self._binaries.clear()
+        self._binaries[signature] = binary
+
+
+_LAUNCHERS: dict[tuple, Launcher] = {}
+
+
+def launcher(kernel, num_warps: int, num_stages: int, **constexprs) -> Launcher:
+    """The Launcher of `kernel` with these compile-time parameters (one per distinct set, kept for the process)."""
+    key = (kernel, num_warps, num_stages, *constexprs.items())
+    found = _LAUNCHERS.get(key)
+    if found is None:
+        found = _LAUNCHERS[key] = Launcher(kernel, num_warps, num_stages, constexprs)
+    return found

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .. import interpreting
 from .decode import pack_geometry
-from .launch import MODE_IDS, TL_DTYPES, launch_fitting
+from .launch import MODE_IDS, TL_DTYPES, launcher
 from .tiles import block_tiles, nn_weight_tile, packed_planes, per_pack, slot_plane
 
 SLAB_BYTES = 256 << 20  # at most this much dequantized weight at a time
@@ -185,9 +185,8 @@ def prefill_qmm(out, x, w_q, scales, biases, global_scale, transpose, mode, grou
             b_strides = (tiles.stride(0), tiles.stride(1))
         target = out[:, n0:n0 + rows]
         grid = (triton.cdiv(m, block_m) * triton.cdiv(rows, block_n),)
-        launch_fitting(canonical_gemm_kernel, grid, stages, (
-            x, tiles, target, g, m, rows, k_pad if transpose else k, x.stride(0), *b_strides, *target.stride(),
-            steps_per_split,
-        ), dict(SPLITS=splits, HAS_GLOBAL=global_scale is not None,
-                PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gemm_k, GROUP_M=8, num_warps=warps))
+        gemm = launcher(canonical_gemm_kernel, warps, stages, SPLITS=splits, HAS_GLOBAL=global_scale is not None,
+                        PRECISION="tf32x3" if dot == torch.float32 else "tf32",
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gemm_k, GROUP_M=8)
+        gemm(grid, x, tiles, target, g, m, rows, k_pad if transpose else k, x.stride(0), *b_strides, *target.stride(),
+             steps_per_split)

@@ -10,6 +10,8 @@ reduction of reduction.py, so a row's bits never depend on M or on which path se
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -18,7 +20,7 @@ import triton.language as tl
 
 from .. import interpreting
 from .decode import pack_geometry
-from .launch import MODE_IDS, TL_DTYPES, launch_fitting
+from .launch import MODE_IDS, TL_DTYPES, launcher
 from .prefill import prefill_qmm
 from .reduction import block_k, k_splits, slot_major
 from .tiles import (
@@ -80,8 +82,8 @@ def _nt_block(partial, x_ptr, x_rows, w_base, s_base, b_base, kb, K, m_mask, off
 @triton.jit
 def qmm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr, out_ptr,
-    part_ptr,
-    M, N, K, n_rows, n_weights,
+    part_ptr, arrivals_ptr,
+    M, N, K, n_rows, n_weights, sg,
     sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
@@ -174,37 +176,31 @@ def qmm_kernel(
 
     mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_IN_GRID and SPLITS > 1:
-        part = part_ptr + (split * n_rows + rows[None, :]) * N + offs_n[:, None]
-        tl.store(part, total, mask=mask)
+        # Each split stores its partial; the tile's last program to arrive adds them, in split order, from memory.
+        part = part_ptr + (rows[None, :] * N + offs_n[:, None])
+        tl.store(part + split * n_rows * N, total, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is counted (release)
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                total = total + tl.load(part + s * n_rows * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            if HAS_GLOBAL:
+                total = total * (tl.load(g_ptr + weight * sg) / 2688.0)
+            tl.store(out_ptr + out_rows[None, :] + offs_n[:, None] * so_n, total.to(out_ptr.dtype.element_ty),
+                     mask=mask)
     else:
         if HAS_GLOBAL:
-            total = total * (tl.load(g_ptr + weight) / 2688.0)
+            total = total * (tl.load(g_ptr + weight * sg) / 2688.0)
         tl.store(out_ptr + out_rows[None, :] + offs_n[:, None] * so_n, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def fold_splits_kernel(part_ptr, g_ptr, rhs_ptr, out_ptr, MN, total_elems,
-                       SPLITS: tl.constexpr, HAS_GLOBAL: tl.constexpr, INDEXED: tl.constexpr, BLOCK: tl.constexpr):
-    """out = 0 + p0 + p1 + ... (left to right, float32), times the tensor scale, cast to out's dtype."""
-    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask = offs < total_elems
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        total = total + tl.load(part_ptr + s * total_elems + offs, mask=mask, other=0.0)
-    if HAS_GLOBAL:
-        if INDEXED:
-            expert = tl.load(rhs_ptr + offs // MN, mask=mask, other=0)
-        else:
-            expert = offs // MN
-        total = total * (tl.load(g_ptr + expert, mask=mask, other=1.0) / 2688.0)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _tile_config(rows_per_weight: int):
+def _tile_config(rows_per_weight: int, interpret: bool):
     """(BLOCK_M rows, BLOCK_N weights, num_warps, num_stages, split_in_grid) by the rows that share a weight; on the
     GPU any choice gives the same bits. The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the
     tile shape: it keeps one."""
-    if interpreting():
+    if interpret:
         return 16, 128, 4, 1, True
     override = os.environ.get("LOWBIT_QMM_TILE")  # "BLOCK_M,BLOCK_N,num_warps,num_stages": a tuning knob for benchmarks
     if override:
@@ -217,10 +213,10 @@ def _tile_config(rows_per_weight: int):
     return 128, 128, 8, 3, False  # (large M that the prefill path does not take: gathers, float32)
 
 
-def _schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int):
+def _schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int, bound: int):
     """The gathered kernel's work list, built on the device without a host sync: output rows (item * M + m) sorted
     by the weight they use (stable), and for each of `bound` row tiles its weight (n_weights: unused), first sorted
-    row and row count. bound = ceil(rows / BLOCK_M) + min(weights, rows) covers any routing."""
+    row and row count (see _schedule_bound)."""
     device = rhs.device
     n_items = rhs.shape[0]
     order = torch.argsort(rhs, stable=True)
@@ -230,7 +226,6 @@ def _schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int):
     row_start = torch.cumsum(counts, 0) - counts
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)
-    bound = -(-n_items * m // block_m) + min(n_weights, n_items * m)
     tile = torch.arange(bound, device=device)
     weight = torch.searchsorted(tile_end, tile, right=True)
     valid = weight < n_weights
@@ -239,10 +234,16 @@ def _schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int):
     start = row_start[w_clamped] + local * block_m
     count = torch.where(valid, (counts[w_clamped] - local * block_m).clamp(0, block_m), 0)
     return rows, weight.to(torch.int32), start.clamp(max=max(n_items * m - 1, 0)).to(torch.int32), \
-        count.to(torch.int32), bound
+        count.to(torch.int32)
 
 
-def weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dtype, torch.dtype]:
+def _schedule_bound(n_rows: int, n_weights: int, block_m: int) -> int:
+    """Row tiles enough for any routing of n_rows rows over n_weights weights: ceil(rows / BLOCK_M) full tiles plus
+    at most one partial tile per weight used."""
+    return -(-n_rows // block_m) + min(n_weights, n_rows)
+
+
+def weight_and_dot_dtypes(mode: str, x_dtype, scales_dtype, biases_dtype) -> tuple[torch.dtype, torch.dtype]:
     """(dtype the weight values are computed in, tensor-core operand dtype).
 
     affine: MLX casts x, scales and biases to their promoted dtype and dequantizes there; the dot runs in it.
@@ -250,7 +251,7 @@ def weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dty
     every e2m1/e4m3 x 2**e value; f16 holds nvfp4's e2m1 x e4m3 but not mx's 2**e range), else in float32.
     """
     if mode == "affine":
-        weight = torch.promote_types(torch.promote_types(x_dtype, scales.dtype), biases.dtype)
+        weight = torch.promote_types(torch.promote_types(x_dtype, scales_dtype), biases_dtype)
         dot = weight
     else:
         weight = torch.float32
@@ -262,13 +263,13 @@ def weight_and_dot_dtypes(mode: str, x_dtype, scales, biases) -> tuple[torch.dty
 PREFILL_MIN_M = 160  # H200, 8192^2: decode 116-125 us at M = 128, prefill 135-144 us at M = 256
 
 
-def _prefill_min_m() -> int | None:
+def _prefill_min_m(interpret: bool) -> int | None:
     """The M from which a single product takes the prefill path (None: never). The interpreter's dots round by tile
     shape, so there the path runs only when asked for (LOWBIT_QMM_PREFILL_M, also a benchmark knob)."""
     override = os.environ.get("LOWBIT_QMM_PREFILL_M")
     if override:
         return int(override)
-    return None if interpreting() else PREFILL_MIN_M
+    return None if interpret else PREFILL_MIN_M
 
 
 PLAIN, PER_ITEM, GROUPED = 0, 1, 2  # qmm_kernel's ROUTING
@@ -285,74 +286,138 @@ def _routing(indexed: bool, m: int, n_rows: int) -> int:
     return PER_ITEM if m <= 16 and n_rows < group_min_rows else GROUPED
 
 
+class _Plan:
+    """Everything a call decides from its static facts (formats, dtypes, sizes), made once per distinct set."""
+
+    def __init__(self, mode, group_size, bits, transpose, x_dtype, scales_dtype, biases_dtype, has_global, out_dtype,
+                 m, n, k, n_items, n_weights, indexed):
+        interpret = interpreting()
+        # (the interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: let torch round there)
+        self.kernel_dtype = torch.float32 if out_dtype == torch.bfloat16 and interpret else out_dtype
+        weight_dtype, dot = weight_and_dot_dtypes(mode, x_dtype, scales_dtype, biases_dtype)
+        unroll_slots = dot != torch.float32  # float32 (three-pass) dots loop over code slots at run time
+        if dot == torch.bfloat16 and interpret:  # the interpreter's tl.dot misreads bfloat16; float32 is exact
+            dot = torch.float32
+        self.bk = bk = block_k(bits, group_size, transpose)
+        self.splits = splits = k_splits(n, k, bk)
+        packed = transpose and packed_decoding(mode, bits, scales_dtype, biases_dtype, weight_dtype, dot, interpret)
+        prefill_m = _prefill_min_m(interpret)
+        self.prefill = (not indexed and prefill_m is not None and m >= prefill_m and dot in (x_dtype, torch.float32)
+                        and (dot != torch.float32 or interpret))
+        self.prefill_args = (mode, group_size, bits, bk, splits, weight_dtype, dot, packed)
+        n_rows = n_items * m
+        self.routing = routing = _routing(indexed, m, n_rows)
+        block_m, block_n, warps, stages, split_in_grid = _tile_config(
+            -(-n_rows // min(n_weights, n_items)) if routing == GROUPED else m, interpret)
+        self.block_m = block_m
+        self.split_in_grid = split_in_grid = split_in_grid and splits > 1
+        if routing == GROUPED:
+            self.row_tiles = _schedule_bound(n_rows, n_weights, block_m)
+        elif routing == PER_ITEM:
+            self.row_tiles = n_items
+        else:
+            self.row_tiles = triton.cdiv(m, block_m)
+        self.tiles = self.row_tiles * triton.cdiv(n, block_n)
+        self.grid = (self.tiles * (splits if split_in_grid else 1),)
+        per_pack, words, words_pow2 = pack_geometry(bits)
+        self.qmm = launcher(
+            qmm_kernel, warps, stages,
+            MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=has_global,
+            PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
+            SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
+            DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, UNROLL_SLOTS=unroll_slots,
+            INTERPRET=interpret,
+        )
+
+
+_ARRIVALS: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per output tile, for the kernel's split fold.
+
+    The last program of a tile puts its counter back to zero, so the counters of one stream serve every launch on
+    it, one after the other, without a memset. A CUDA graph capture gets counters of its own (their zeroing is
+    captured with them), never shared with eager calls or other graphs; the interpreter gets fresh ones."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = _ARRIVALS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counters
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(*facts) -> _Plan:
+    return _Plan(*facts)
+
+
+def forget_plans() -> None:
+    """Drop the cached plans: call after changing a LOWBIT_* tuning variable in a running process."""
+    _plan.cache_clear()
+
+
+@contextlib.contextmanager
+def tuned(**variables: str | None):
+    """Within: the given LOWBIT_* tuning variables set (None: unset) and read afresh; restored after. For
+    benchmarks, e.g. `with tuned(LOWBIT_QMM_TILE="16,64,4,3"): ...`."""
+    saved = {name: os.environ.get(name) for name in variables}
+
+    def apply(values):
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        forget_plans()
+
+    apply(variables)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+def _batch_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """t's strides as a batch of matrices: a 2-D t is a batch of one (stride 0)."""
+    return t.stride() if t.ndim == 3 else (0, *t.stride())
+
+
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
                sorted_indices=False):
-    """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) or both None (one product) -> (I, M, N)."""
+    """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) -> (I, M, N); or lhs = rhs = None, x (1, M, K) and
+    a 2-D w_q (one product)."""
     indexed = lhs is not None
     n_items, m, k = lhs.shape[0] if indexed else 1, x.shape[-2], x.shape[-1]
     n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
-    # (the interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: let torch round there)
-    kernel_dtype = torch.float32 if out_dtype == torch.bfloat16 and interpreting() else out_dtype
-    out = torch.empty(n_items, m, n, dtype=kernel_dtype, device=x.device)
-    if out.numel() == 0:
+    n_weights = w_q.shape[0] if w_q.ndim == 3 else 1
+    plan = _plan(mode, group_size, bits, transpose, x.dtype, scales.dtype, None if biases is None else biases.dtype,
+                 global_scale is not None, out_dtype, m, n, k, n_items, n_weights, indexed)
+    out = torch.empty(n_items, m, n, dtype=plan.kernel_dtype, device=x.device)
+    if n_items * m * n == 0:
         return out
     if k == 0:
         return out.zero_()
-    weight_dtype, dot = weight_and_dot_dtypes(mode, x.dtype, scales, biases)
-    unroll_slots = dot != torch.float32  # float32 (three-pass) dots loop over code slots at run time
-    if dot == torch.bfloat16 and interpreting():  # the interpreter's tl.dot misreads bfloat16; float32 is exact
-        dot = torch.float32
-    bk = block_k(bits, group_size, transpose)
-    splits = k_splits(n, k, bk)
-    packed = transpose and packed_decoding(mode, bits, scales.dtype, biases.dtype if biases is not None else None,
-                                           weight_dtype, dot, interpreting())
     if transpose:
-        x = slot_major(x, bits, bk).contiguous()
-    prefill_m = _prefill_min_m()
-    if not indexed and prefill_m is not None and m >= prefill_m and dot in (x.dtype, torch.float32) and (
-            dot != torch.float32 or interpreting()):
-        prefill_qmm(out[0], x[0].contiguous(), w_q[0], scales[0], None if biases is None else biases[0], global_scale,
-                    transpose, mode, group_size, bits, bk, splits, weight_dtype, dot, packed)
+        x = slot_major(x, bits, plan.bk).contiguous()
+    if plan.prefill:
+        prefill_qmm(out[0], x[0].contiguous(), w_q, scales, biases, global_scale, transpose, *plan.prefill_args)
         return out.to(out_dtype)
-    n_weights = w_q.shape[0]
     n_rows = n_items * m
-    routing = _routing(indexed, m, n_rows)
-    block_m, block_n, warps, stages, split_in_grid = _tile_config(
-        -(-n_rows // min(n_weights, n_items)) if routing == GROUPED else m)
-    per_pack, words, words_pow2 = pack_geometry(bits)
-    split_in_grid = split_in_grid and splits > 1
-    partials = (torch.empty(splits, n_rows, n, dtype=torch.float32, device=x.device) if split_in_grid
-                else out)
+    partials = torch.empty(plan.splits, n_rows, n, dtype=torch.float32, device=x.device) if plan.split_in_grid else out
     b = biases if biases is not None else scales
     g = global_scale if global_scale is not None else scales
     rows = tile_w = tile_start = tile_rows = scales  # (unused pointers)
     if indexed:  # the kernels index them densely; broadcast index arrays arrive as stride-0 views
         lhs, rhs = lhs.contiguous(), rhs.contiguous()
-    if routing == GROUPED:
-        rows, tile_w, tile_start, tile_rows, row_tiles = _schedule(rhs, m, n_weights, block_m)
-    elif routing == PER_ITEM:
-        row_tiles = n_items
     else:
         lhs = rhs = scales
-        row_tiles = triton.cdiv(m, block_m)
-    grid = (row_tiles * triton.cdiv(n, block_n) * (splits if split_in_grid else 1),)
-    launch_fitting(qmm_kernel, grid, stages, (
-        x, w_q.view(torch.int32), scales, b, g, lhs, rhs, rows, tile_w, tile_start, tile_rows, out, partials,
-        m, n, k, n_rows, n_weights,
-        *x.stride(), *w_q.stride(), *scales.stride(), *b.stride(), *out.stride(),
-    ), dict(
-        MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=global_scale is not None,
-        PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
-        SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
-        DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, UNROLL_SLOTS=unroll_slots,
-        INTERPRET=interpreting(), num_warps=warps,
-    ))
-    if split_in_grid:
-        total = n_rows * n
-        block = 1024
-        fold_splits_kernel[(triton.cdiv(total, block),)](
-            partials, g, rhs, out, m * n, total, SPLITS=splits,
-            HAS_GLOBAL=global_scale is not None, INDEXED=indexed, BLOCK=block,
-        )
-    return out.to(out_dtype)
+    if plan.routing == GROUPED:
+        rows, tile_w, tile_start, tile_rows = _schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles)
+    arrivals = _arrival_counters(x.device, plan.tiles) if plan.split_in_grid else scales
+    plan.qmm(plan.grid, x, w_q.view(torch.int32), scales, b, g, lhs, rhs, rows, tile_w, tile_start, tile_rows, out,
+             partials, arrivals, m, n, k, n_rows, n_weights, g.stride(0) if global_scale is not None else 0,
+             *x.stride(), *_batch_strides(w_q), *_batch_strides(scales), *_batch_strides(b), *out.stride())
+    return out if plan.kernel_dtype == out_dtype else out.to(out_dtype)
