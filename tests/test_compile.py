@@ -62,7 +62,8 @@ def test_opcheck_nvfp4_tensor_scales():
 
 
 class _TinyModel(nn.Module):
-    """Embedding, a quantized MLP, an MoE block and a tied head: every quantized module in one forward."""
+    """Embedding, a quantized MLP, a linear with K split into partials, an MoE block and a tied head: every
+    quantized module in one forward."""
 
     def __init__(self, mode, gs, bits):
         super().__init__()
@@ -70,6 +71,7 @@ class _TinyModel(nn.Module):
         self.embed = QuantizedEmbedding.from_embedding(nn.Embedding(96, 64), gs, bits, mode)
         self.up = QuantizedLinear.from_linear(nn.Linear(64, 128), gs, bits, mode)
         self.down = QuantizedLinear.from_linear(nn.Linear(128, 64, bias=False), gs, bits, mode)
+        self.wide = QuantizedLinear.from_linear(nn.Linear(2048, 64, bias=False), gs, bits, mode)  # split partials
         self.router = nn.Linear(64, 4, bias=False)
         self.moe = SwitchGLU(64, 64, 4)
         lowbit.quantize_model(self.moe, gs, bits, mode)
@@ -77,6 +79,7 @@ class _TinyModel(nn.Module):
     def forward(self, ids):
         h = self.embed(ids)
         h = h + self.down(torch.relu(self.up(h)))
+        h = h + self.wide(h.repeat(1, 1, 32)) / 32
         top = self.router(h).topk(2, dim=-1).indices
         h = h + self.moe(h, top).sum(dim=-2)
         return self.embed.as_linear(h)

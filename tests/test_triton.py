@@ -210,6 +210,24 @@ def test_moe_routing_grouped_by_expert(monkeypatch, mode, gs, bits, gen):
     assert torch.equal(sorted_out[:, 0], out.reshape(-1, n)[order])
 
 
+@pytest.mark.skipif(not GPU, reason="the interpreter has no compiled binaries")
+def test_repeated_calls_launch_the_cached_binary(monkeypatch, gen):
+    """After a signature's first call, launches skip Triton's JITFunction.run (its per-call specialization costs
+    more host time than a decode matmul's GPU time) and give the same bits, split partials folded in the kernel."""
+    from lowbit.backends.triton import qmm
+
+    q = quantize3(randn(256, 2048, gen=gen, dtype=torch.bfloat16), 64, 4, "affine")
+    x = randn(3, 2048, gen=gen, dtype=torch.bfloat16)
+    first = lowbit.quantized_matmul(x, *q)
+    jit_runs = []
+    original = qmm.qmm_kernel.run
+    monkeypatch.setattr(qmm.qmm_kernel, "run", lambda *a, **k: jit_runs.append(1) or original(*a, **k))
+    for _ in range(5):
+        assert torch.equal(lowbit.quantized_matmul(x.clone(), *q), first)
+    assert not jit_runs
+    assert rel_err(first, x.double() @ dequantize_f64(q, 64, 4).to(DEVICE).T) < 1e-2
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need the GPU")
 def test_gather_qmm_captured_in_a_cuda_graph(gen):
     """MoE decode runs under CUDA graphs: gather_qmm (index checks, grouping schedule, kernels) captures and its

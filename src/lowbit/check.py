@@ -204,7 +204,8 @@ def main(full: bool = False, device: str | None = None) -> int:
         start = time.perf_counter()
         with tqdm(total=count_steps(full), desc=f"lowbit check [{dev}]", unit="case", leave=False) as bar:
             rows = run_device(dev, full, lambda: bar.update(1))
-        table = Table(title=f"lowbit check on {dev} ({'full' if full else 'quick'}, {time.perf_counter() - start:.1f}s)")
+        took = time.perf_counter() - start
+        table = Table(title=f"lowbit check on {dev} ({'full' if full else 'quick'}, {took:.1f}s)")
         for col in ("op", "format", "passed / total", "worst err / tol", "first failures"):
             table.add_column(col, no_wrap=col != "first failures")
         for (op, fmt), row in rows.items():

@@ -59,6 +59,26 @@ def tracing_shapes() -> bool:
     return getattr(_tracing, "active", False)
 
 
+_workspace = threading.local()
+
+
+@contextlib.contextmanager
+def per_call_workspace():
+    """Within: kernels allocate their scratch memory per call and keep none between calls. The registered ops run
+    so: a compiled graph calls them, and torch.compile's CUDA graphs (cudagraph trees) run their warm-up calls with
+    every allocation routed into the graph's memory pool, which must hold nothing that outlives the graph."""
+    before = getattr(_workspace, "per_call", False)
+    _workspace.per_call = True
+    try:
+        yield
+    finally:
+        _workspace.per_call = before
+
+
+def workspace_per_call() -> bool:
+    return getattr(_workspace, "per_call", False)
+
+
 def backend_for(op: str, device) -> ModuleType:
     """The backend module that serves `op` on `device`."""
     if tracing_shapes():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import shapes_only
+from ..backends import per_call_workspace, shapes_only
 from . import checks
 from .matmul import eager_gather_qmm, eager_gather_qqmm, eager_qqmm, eager_quantized_matmul
 from .quantization import eager_dequantize, eager_quantize
@@ -59,7 +59,7 @@ def _register(name: str) -> None:
     eager = EAGER[name]
 
     def real(*args):
-        with torch.no_grad():  # the registered autograd formula owns the gradient
+        with torch.no_grad(), per_call_workspace():  # the registered autograd formula owns the gradient
             return eager(*args)
 
     def fake(*args):

@@ -132,7 +132,8 @@ def _collapsed_weight(wt: _Weight):
     if wt.global_scale is None:
         g = None
     else:
-        g = wt.global_scale.reshape(-1).expand(n_experts) if wt.global_scale.numel() == 1 else wt.global_scale.reshape(-1)
+        g = wt.global_scale.reshape(-1)
+        g = g.expand(n_experts) if g.numel() == 1 else g
     if all(keep):  # nothing collapsed: indices stay as they are (no index kernel per call)
         return w, s, b, g, None
     index_map = torch.arange(n_experts, device=wt.w.device).reshape(collapsed).expand(batch).reshape(-1)

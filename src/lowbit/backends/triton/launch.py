@@ -24,6 +24,13 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 _MAX_SIGNATURES = 4096  # per launcher; past it the table starts over (each entry is a reference to a binary)
 
 
+def _launch_hooks() -> bool:
+    """Whether a profiler (e.g. Proton) hooks kernel launches: then every launch goes through Triton, which calls
+    them. (Triton 3.6 on keeps the hooks in a HookChain, empty when unused; older ones use None.)"""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class Launcher:
     """One @triton.jit kernel with its constexprs, num_warps and (at most) num_stages fixed."""
 
@@ -45,7 +52,7 @@ class Launcher:
         signature = (device, *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
                                for a in args])
         binary = self._binaries.get(signature)
-        if binary is None or knobs.runtime.launch_enter_hook is not None:  # (a profiler's hooks see every launch)
+        if binary is None or _launch_hooks():
             self._first_launch(grid, args, signature)
             return
         grid_1 = grid[1] if len(grid) > 1 else 1

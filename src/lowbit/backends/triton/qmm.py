@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import interpreting
+from .. import interpreting, workspace_per_call
 from .decode import pack_geometry
 from .launch import MODE_IDS, TL_DTYPES, launcher
 from .prefill import prefill_qmm
@@ -183,8 +183,8 @@ def qmm_kernel(
         arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in tl.static_range(SPLITS):
-                total = total + tl.load(part + s * n_rows * N, mask=mask, other=0.0, cache_modifier=".cg")
+            for piece in tl.static_range(SPLITS):
+                total = total + tl.load(part + piece * n_rows * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
             if HAS_GLOBAL:
                 total = total * (tl.load(g_ptr + weight * sg) / 2688.0)
@@ -331,20 +331,23 @@ class _Plan:
         )
 
 
-_ARRIVALS: dict[tuple, torch.Tensor] = {}
+_ARRIVALS: dict[tuple, torch.Tensor] = {}  # (device, stream) -> that stream's counters
 
 
 def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed int32 counters, one per output tile, for the kernel's split fold.
 
-    The last program of a tile puts its counter back to zero, so the counters of one stream serve every launch on
-    it, one after the other, without a memset. A CUDA graph capture gets counters of its own (their zeroing is
-    captured with them), never shared with eager calls or other graphs; the interpreter gets fresh ones."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    The last program of a tile puts its counter back to zero, so one stream's counters serve every eager launch on
+    it, one after the other, without a memset. A CUDA graph capture and a compiled graph's call (see
+    backends.per_call_workspace) get fresh counters, zeroed in the graph, shared with nothing else; so does the
+    interpreter."""
+    if device.type != "cuda" or workspace_per_call() or torch.cuda.is_current_stream_capturing():
         return torch.zeros(tiles, dtype=torch.int32, device=device)
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     counters = _ARRIVALS.get(key)
     if counters is None or counters.numel() < tiles:
+        if counters is not None:  # (kernels queued on this stream may still use the old ones)
+            counters.record_stream(torch.cuda.current_stream(device))
         counters = _ARRIVALS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
     return counters
 
