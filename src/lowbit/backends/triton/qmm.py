@@ -299,7 +299,8 @@ class _Plan:
         if dot == torch.bfloat16 and interpret:  # the interpreter's tl.dot misreads bfloat16; float32 is exact
             dot = torch.float32
         self.bk = bk = block_k(bits, group_size, transpose)
-        self.splits = splits = k_splits(n, k, bk)
+        target = os.environ.get("LOWBIT_QMM_TARGET_PROGRAMS")  # a benchmark knob: it changes the canonical splits
+        self.splits = splits = k_splits(n, k, bk, *([int(target)] if target else []))
         packed = transpose and packed_decoding(mode, bits, scales_dtype, biases_dtype, weight_dtype, dot, interpret)
         prefill_m = _prefill_min_m(interpret)
         self.prefill = (not indexed and prefill_m is not None and m >= prefill_m and dot in (x_dtype, torch.float32)

@@ -26,13 +26,13 @@ def block_k(bits: int, group_size: int, transpose: bool) -> int:
     return max(PACKS_PER_BLOCK * pack_geometry(bits)[0], group_size) if transpose else BLOCK_K_NN
 
 
-def k_splits(n: int, k: int, block: int) -> int:
+def k_splits(n: int, k: int, block: int, target_programs: int = TARGET_PROGRAMS) -> int:
     """The number of split partials for N outputs and K inputs in K blocks of `block`: enough programs to fill the
-    GPU at M = 1, at least four K blocks per split."""
+    GPU at M = 1, at least four K blocks per split. (target_programs: a benchmark knob; it changes the bits.)"""
     n_tiles = -(-n // 128)
     k_blocks = -(-k // block)
     splits = 1
-    while n_tiles * splits < TARGET_PROGRAMS and k_blocks >= 4 * splits and splits < MAX_SPLITS:
+    while n_tiles * splits < target_programs and k_blocks >= 4 * splits and splits < MAX_SPLITS:
         splits *= 2
     return splits
 
