@@ -16,9 +16,9 @@ from lowbit.bench_cuda import _nbytes, _weights, copy_bandwidth, graph_time_us
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 FORMATS = (("affine", 64, 4),)
-TILES = ("16,32,4,{s}", "16,64,4,{s}", "16,128,4,{s}", "16,128,8,{s}", "16,32,2,{s}")
-STAGES = (3, 5)
-TARGETS = ("132", "264", "528")
+TILES = ("16,32,4,{s}", "16,32,2,{s}", "16,64,4,{s}", "16,16,1,{s}")
+STAGES = (4, 8, 12)
+TARGETS = ("16", "64", "132")
 
 
 def main():

@@ -1,12 +1,13 @@
 """Per-call host overhead of a quantized linear at decode (M = 1), eager and compiled, beside torch's nn.Linear.
 
 Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.py [output.md]
-Host time per call: N calls enqueued back to back without a sync, divided by N (the GPU queue is deep enough that
+Host time per call: the median over 5 batches of N/5 calls enqueued back to back without a sync, per call (the GPU queue is deep enough that
 the host never waits on it, so this is the time Python + dispatch + launch cost the CPU). GPU time per call: the
 same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU time is
 host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
 """
 
+import statistics
 import sys
 import time
 
@@ -20,16 +21,19 @@ from lowbit.nn import QuantizedLinear
 N_CALLS = 2000
 
 
-def host_us(call, n=N_CALLS) -> float:
+def host_us(call, n=N_CALLS, batches=5) -> float:
+    """Median over `batches` of the host time per call of n / batches calls enqueued without a sync."""
     for _ in range(50):
         call()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        call()
-    host = (time.perf_counter() - start) / n * 1e6
-    torch.cuda.synchronize()
-    return host
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(n // batches):
+            call()
+        times.append((time.perf_counter() - start) / (n // batches) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def main():
