@@ -1,9 +1,9 @@
 """Per-call host overhead of a quantized linear at decode (M = 1), eager and compiled, beside torch's nn.Linear.
 
 Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.py [output.md]
-Host time per call: the median over 5 batches of N/5 calls enqueued back to back without a sync, per call (the GPU queue is deep enough that
-the host never waits on it, so this is the time Python + dispatch + launch cost the CPU). GPU time per call: the
-same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU time is
+Host time per call: the median over 5 batches of N/5 calls enqueued back to back without a sync, per call
+(the GPU queue is deep enough that the host never waits on it, so this is the time Python + dispatch + launch cost
+the CPU). GPU time per call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU time is
 host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
 """
 
@@ -62,7 +62,8 @@ def main():
             rows.append((f"QuantizedLinear {label}, torch.compile reduce-overhead (CUDA graphs)",
                          host_us(lambda c=graphed: c(x)), gpu))
     lines = [
-        f"# Per-call overhead at decode, M = 1, 4096 x 4096 ({torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"# Per-call overhead at decode, M = 1, 4096 x 4096 ({torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d')})",
         "",
         "| call | host µs / call | GPU µs / call (CUDA graph) |",
