@@ -3,8 +3,9 @@
 Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.py [output.md]
 Host time per call: the median over 5 batches of N/5 calls enqueued back to back without a sync, per call
 (the GPU queue is deep enough that the host never waits on it, so this is the time Python + dispatch + launch cost
-the CPU). GPU time per call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU time is
-host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
+the CPU). GPU time per call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host
+time exceeds its GPU time is host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`)
+remove.
 """
 
 import statistics
