@@ -160,3 +160,79 @@ def test_load_errors(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"\[load_quantized\].*'awq'"):
         load_quantized(_llama(), tmp_path / "ckpt")
+
+
+def _qwen3_moe(tie: bool, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=128, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=64, tie_word_embeddings=tie, decoder_sparse_step=1, mlp_only_layers=[],
+    )
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def _save_for_mlx_lm(model, path):
+    """save_pretrained, with the config keys mlx-lm reads that transformers 5 writes elsewhere."""
+    model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config.setdefault("num_experts", model.config.num_experts)
+    config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("mode,group_size,bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4)])
+@pytest.mark.parametrize("tie", [True, False])
+def test_mlx_lm_moe_checkpoint_loads_into_transformers(tmp_path, mode, group_size, bits, tie):
+    """An mlx-lm Qwen3-MoE checkpoint (experts as switch_mlp.{gate,up,down}_proj, 8-bit routers, no head tensors
+    when tied) in transformers' Qwen3MoeForCausalLM: experts become QuantizedExperts (gate and up rows
+    concatenated), routers (bare weights in transformers) take their dequantized weight, a tied head follows the
+    quantized embedding; logits equal mlx-lm's own model's."""
+    import numpy as np
+
+    _save_for_mlx_lm(_qwen3_moe(tie), tmp_path / "float")
+    mlx_model, mlx_config = _mlx_checkpoint(tmp_path / "float", tmp_path / "mlx", group_size, bits, mode)
+    assert mlx_config["quantization"]["model.layers.0.mlp.gate"]["bits"] == 8  # (mlx-lm's router rule)
+    model = _qwen3_moe(tie, seed=1)  # other float weights: everything must come from the checkpoint
+    load_quantized(model, tmp_path / "mlx")
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, lowbit.nn.QuantizedExperts) and experts.gate_up_proj.mode == mode
+    assert isinstance(model.lm_head, lowbit.nn.TiedHead if tie else lowbit.nn.QuantizedLinear)
+    stored = load_tensors(tmp_path / "mlx")
+    gate, up = (stored[f"model.layers.1.mlp.switch_mlp.{p}_proj.weight"] for p in ("gate", "up"))
+    assert same_bits(model.model.layers[1].mlp.experts.gate_up_proj.weight, torch.cat([gate, up], 1))
+    router = lowbit.dequantize(*(stored[f"model.layers.0.mlp.gate.{t}"] for t in ("weight", "scales", "biases")),
+                               64, 8, dtype=torch.float32)
+    assert same_bits(model.model.layers[0].mlp.gate.weight.detach(), router)
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits.numpy()
+    assert np.abs(logits - np.array(mlx_model(mx.array(ids.numpy())))).max() < 1e-4
+
+
+def test_tied_llama_saved_as_mlx_lm_does(tmp_path):
+    """quantize_model makes a tied head follow its quantized embedding (no head tensors), so mlx-lm's tied model
+    loads lowbit's checkpoint and computes the same logits; lowbit loads it back with the head tied."""
+    import numpy as np
+
+    model = _llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantization = lowbit.quantize_model(model)
+    assert isinstance(model.lm_head, lowbit.nn.TiedHead) and "lm_head" not in quantization
+    save_quantized(model, tmp_path / "ckpt", quantization, model.config.to_dict())
+    assert not [name for name in load_tensors(tmp_path / "ckpt") if name.startswith("lm_head")]
+    mlx_model, _ = mlx_lm_utils.load_model(tmp_path / "ckpt")
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(ids).logits.numpy()
+    assert np.abs(np.array(mlx_model(mx.array(ids.numpy()))) - ours).max() < 1e-4
+    fresh = _llama(seed=5)
+    fresh.config.tie_word_embeddings = True
+    fresh.tie_weights()
+    load_quantized(fresh, tmp_path / "ckpt")
+    assert isinstance(fresh.lm_head, lowbit.nn.TiedHead)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)

@@ -35,6 +35,7 @@ from lowbit.nn import (
     QuantizedWeight,
     SwitchGLU,
     SwitchLinear,
+    TiedHead,
     model_bits_per_weight,
     quantize_model,
 )
@@ -1122,16 +1123,18 @@ def test_llama_quantize_model(fmt, min_cos):
 def test_llama_tied_embeddings_and_bf16():
     model = tiny_llama(tie=True)
     float_model = copy.deepcopy(model)
-    quantize_model(model, bits=8)
-    assert isinstance(model.lm_head, QuantizedLinear) and isinstance(model.model.embed_tokens, QuantizedEmbedding)
-    assert same_bits(model.lm_head.weight, model.model.embed_tokens.weight)  # same table, quantized alike
+    quantization = quantize_model(model, bits=8)
+    assert isinstance(model.lm_head, TiedHead) and isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert model.lm_head.embedding is model.model.embed_tokens and "lm_head" not in quantization
+    assert not [name for name in model.state_dict() if name.startswith("lm_head")]  # one table, as in mlx-lm
     ids = torch.randint(0, 128, (1, 8), generator=make_gen(52))
     with torch.no_grad():
         exact = float_model(ids).logits
         logits = model(ids).logits
         assert F.cosine_similarity(logits.flatten(), exact.flatten(), dim=0) > 0.99
         model.to(torch.bfloat16)
-        assert model.lm_head.scales.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.uint32
+        head = model.lm_head.embedding
+        assert head.scales.dtype == torch.bfloat16 and head.weight.dtype == torch.uint32
         logits = model(ids).logits  # (float32 today: see test_embedding_follows_module_dtype_cast)
     assert F.cosine_similarity(logits.float().flatten(), exact.flatten(), dim=0) > 0.99
 

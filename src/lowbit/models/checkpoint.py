@@ -20,8 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import ops
 from ..nn import (
-    QQLinear, QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedSwitchLinear, SwitchLinear,
+    QQLinear, QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedSwitchLinear, SwitchLinear, TiedHead,
 )
 from ..nn.quantize_model import quantizable
 from ..nn.switch import is_stacked_experts
@@ -105,6 +106,8 @@ def _inferred_params(path: str, tensors: dict, input_dims: int) -> dict:
 
 def _empty_quantized(module: nn.Module, params: dict, path: str, tensors: dict) -> nn.Module:
     """A quantized module of `module`'s shapes, its buffers to be assigned from the checkpoint."""
+    if is_stacked_experts(module):
+        return _empty_experts(module, path, tensors)
     gs, bits, mode = params["group_size"], params["bits"], params.get("mode", "affine")
     global_scale = bool(params.get("global_scale")) or f"{path}.global_scale" in tensors
     if isinstance(module, nn.Embedding):
@@ -118,42 +121,114 @@ def _empty_quantized(module: nn.Module, params: dict, path: str, tensors: dict) 
     if isinstance(module, SwitchLinear):
         e, n, k = module.weight.shape
         return QuantizedSwitchLinear(k, n, e, module.bias is not None, gs, bits, mode, global_scale)
+    raise TypeError(f"not a quantizable module: {type(module).__name__}")
+
+
+def _empty_experts(module: nn.Module, path: str, tensors: dict) -> QuantizedExperts:
+    """Stacked experts: gate_up_proj and down_proj each with the parameters their tensors show (mixed-precision
+    recipes give down_proj more bits)."""
     e, two_inter, hidden = module.gate_up_proj.shape
-    gs_up = bool(params.get("global_scale")) or f"{path}.gate_up_proj.global_scale" in tensors
-    return QuantizedExperts(QuantizedSwitchLinear(hidden, two_inter, e, False, gs, bits, mode, gs_up),
-                            QuantizedSwitchLinear(two_inter // 2, hidden, e, False, gs, bits, mode, gs_up),
-                            module.act_fn)
+    parts = []
+    for name, (k, n) in (("gate_up_proj", (hidden, two_inter)), ("down_proj", (two_inter // 2, hidden))):
+        p = _inferred_params(f"{path}.{name}", tensors, k)
+        parts.append(QuantizedSwitchLinear(k, n, e, False, p["group_size"], p["bits"], p["mode"],
+                                           f"{path}.{name}.global_scale" in tensors))
+    return QuantizedExperts(*parts, module.act_fn)
 
 
-def _scales_name(path: str, module: nn.Module) -> str:
-    return f"{path}.gate_up_proj.scales" if is_stacked_experts(module) else f"{path}.scales"
+def _from_switch_mlp(model: nn.Module, tensors: dict) -> None:
+    """mlx-lm names a block's stacked experts `<block>.switch_mlp.{gate,up,down}_proj`; transformers holds
+    `<block>.experts.gate_up_proj` (gate rows, then up rows) and `.down_proj`. Rename to the model's names,
+    concatenating gate's and up's rows (quantization groups run along rows, so the codes are unchanged)."""
+    for path, module in model.named_modules():
+        if not is_stacked_experts(module):
+            continue
+        switch = f"{path.rpartition('.')[0]}.switch_mlp" if "." in path else "switch_mlp"
+        if f"{switch}.gate_proj.weight" not in tensors or f"{path}.gate_up_proj" in tensors:
+            continue
+        for suffix in ("weight", "scales", "biases", "global_scale"):
+            gate = tensors.pop(f"{switch}.gate_proj.{suffix}", None)
+            up = tensors.pop(f"{switch}.up_proj.{suffix}", None)
+            down = tensors.pop(f"{switch}.down_proj.{suffix}", None)
+            if down is not None:
+                tensors[f"{path}.down_proj.{suffix}"] = down
+            if gate is None and up is None:
+                continue
+            if gate is None or up is None or (suffix == "global_scale" and not torch.equal(gate, up)):
+                raise ValueError(f"[load_quantized] {switch}.gate_proj and up_proj must be quantized alike to load "
+                                 f"into {path}.gate_up_proj; their {suffix} differ.")
+            tensors[f"{path}.gate_up_proj.{suffix}"] = gate if suffix == "global_scale" else torch.cat([gate, up], -2)
+
+
+def _dequantize_into_float(model: nn.Module, tensors: dict, quantization: dict) -> None:
+    """Quantized tensors whose module stays float in the torch model (transformers' routers hold a bare weight
+    parameter, where mlx-lm has a quantized linear) are loaded as their dequantized weight: the exact values the
+    quantized layer computes with."""
+    parameters = dict(model.named_parameters())
+    for name in [k for k in tensors if k.endswith(".scales")]:
+        path = name[: -len(".scales")]
+        target = parameters.get(f"{path}.weight")
+        if target is None or not target.is_floating_point() or tensors[f"{path}.weight"].dtype != torch.uint32:
+            continue
+        entry = quantization.get(path)
+        params = {"mode": "affine", **entry} if isinstance(entry, dict) else \
+            _inferred_params(path, tensors, target.shape[-1])
+        tensors[f"{path}.weight"] = ops.dequantize(
+            tensors[f"{path}.weight"], tensors.pop(name), tensors.pop(f"{path}.biases", None), params["group_size"],
+            params["bits"], params["mode"], tensors.pop(f"{path}.global_scale", None), target.dtype)
+
+
+def _tied_heads(model: nn.Module, tensors: dict) -> dict[str, str]:
+    """{head path: embedding path} for the linears that share their weight with a quantized embedding and have no
+    tensors in the checkpoint (mlx-lm writes none for tied models): they become TiedHeads. A head tied to a float
+    embedding gets the embedding's table."""
+    embeddings = {id(m.weight): p for p, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    ties = {}
+    for path, module in model.named_modules():
+        embedding = embeddings.get(id(module.weight)) if isinstance(module, nn.Linear) else None
+        if embedding is None or f"{path}.weight" in tensors:
+            continue
+        if f"{embedding}.scales" in tensors:
+            ties[path] = embedding
+        elif f"{embedding}.weight" in tensors:
+            tensors[f"{path}.weight"] = tensors[f"{embedding}.weight"]
+    return ties
 
 
 def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> dict:
     """Make `model` (the float architecture, e.g. a transformers model built from the checkpoint's config) hold
     the checkpoint in `path`: its quantized layers become lowbit modules and every tensor is assigned as stored
-    (dtypes kept). Returns the checkpoint's config."""
+    (dtypes kept). mlx-lm's names for stacked experts (`switch_mlp`) load into transformers' `experts`, quantized
+    routers that transformers keeps as bare weights load dequantized, and tied heads follow their embedding.
+    Returns the checkpoint's config."""
     config = read_config(path)
     tensors = load_tensors(path)
     quantization = config.get("quantization") or config.get("quantization_config") or {}
     if "quant_method" in quantization:
         raise ValueError(f"[load_quantized] {path} holds a {quantization['quant_method']!r} checkpoint; lowbit "
                          f"loads MLX-format quantization blocks (group_size / bits / mode).")
+    _from_switch_mlp(model, tensors)
+    ties = _tied_heads(model, tensors)
     candidates = [(p, m) for p, m in model.named_modules() if quantizable(m)]
     for p, module in candidates:
         entry = quantization.get(p)
-        if entry is False:
+        if entry is False or p in ties:
             continue
-        if isinstance(entry, dict):
+        if is_stacked_experts(module):
+            if f"{p}.gate_up_proj.scales" not in tensors:
+                continue
+            params = {}  # (each part's parameters are read off its tensors)
+        elif isinstance(entry, dict):
             params = {"mode": "affine", **entry}  # a per-layer dict without mode means affine (mlx-lm)
-        elif _scales_name(p, module) in tensors:
-            if is_stacked_experts(module):
-                params = _inferred_params(f"{p}.gate_up_proj", tensors, module.gate_up_proj.shape[-1])
-            else:
-                params = _inferred_params(p, tensors, module.weight.shape[-1])  # linears, embeddings, switch
+        elif f"{p}.scales" in tensors:
+            params = _inferred_params(p, tensors, module.weight.shape[-1])  # linears, embeddings, switch
         else:
             continue
         parent, _, name = p.rpartition(".")
         setattr(model.get_submodule(parent), name, _empty_quantized(module, params, p, tensors))
+    for head, embedding in ties.items():
+        parent, _, name = head.rpartition(".")
+        setattr(model.get_submodule(parent), name, TiedHead(model.get_submodule(embedding)))
+    _dequantize_into_float(model, tensors, quantization)
     model.load_state_dict(tensors, strict=strict, assign=True)
     return config

@@ -67,3 +67,24 @@ class QuantizedEmbedding(QuantizedWeight):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.input_dims}, group_size={self.group_size}, bits={self.bits}, "
                 f"mode={self.mode}")
+
+
+class TiedHead(nn.Module):
+    """An output head tied to a QuantizedEmbedding: x @ dequantize(table).T through the embedding's own buffers.
+
+    It holds no tensors of its own, so a tied model's state_dict has no head entries, as in mlx-lm checkpoints
+    (mlx-lm's tied models call `embed_tokens.as_linear`)."""
+
+    def __init__(self, embedding: QuantizedEmbedding):
+        super().__init__()
+        self._embedding = [embedding]  # (in a list: not a submodule, so its tensors are listed once, under its path)
+
+    @property
+    def embedding(self) -> QuantizedEmbedding:
+        return self._embedding[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding.as_linear(x)
+
+    def extra_repr(self) -> str:
+        return f"tied to a QuantizedEmbedding of {self.embedding.num_embeddings} rows"

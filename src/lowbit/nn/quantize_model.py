@@ -9,8 +9,9 @@ Per layer, the first that speaks decides (mlx-lm's conventions where it has them
 4. otherwise the global `group_size`, `bits`, `mode`.
 A dict holds the layer's whole parameters, as in mlx-lm configs: without "mode" it means affine, and a missing
 group_size or bits is the mode's default. Layers whose input size is not a multiple of their group size stay float
-and are reported. The returned dict is mlx-lm's `quantization` block: the global parameters, a full entry for every
-layer quantized differently, and False for every layer kept float.
+and are reported. An output head tied to an embedding (the same weight) and quantized alike becomes a TiedHead of the
+quantized embedding, as mlx-lm's tied models. The returned dict is mlx-lm's `quantization` block: the global
+parameters, a full entry for every layer quantized differently, and False for every layer kept float.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 from torch import nn
 
 from ..formats import resolve_params
-from .embedding import QuantizedEmbedding
+from .embedding import QuantizedEmbedding, TiedHead
 from .linear import ACTIVATION_MODES, QQLinear, QuantizedLinear
 from .switch import QuantizedExperts, SwitchLinear, is_stacked_experts
 from .weights import QuantizedWeight
@@ -149,13 +150,35 @@ def quantize_model(
         plan.append((path, module, params))
         if params != defaults:
             quantization[path] = {k: v for k, v in params.items() if k not in ("quantize_input", "global_scale") or v}
+    ties = _tied_heads(plan)
     for path, module, params in plan:
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, _convert(module, params))
+        if path not in ties:
+            _replace(model, path, _convert(module, params))
+    for head, embedding in ties.items():
+        _replace(model, head, TiedHead(model.get_submodule(embedding)))
+        quantization.pop(head, None)  # (mlx-lm's tied models have no head: it follows the embedding)
     if kept_float:
         warnings.warn(f"[{op}] Kept in float, input size not a multiple of the group size: {', '.join(kept_float)}.",
                       stacklevel=2)
     return quantization
+
+
+def _tied_heads(plan: list) -> dict[str, str]:
+    """{head path: embedding path} for the linears of the plan that share their weight with an embedding of the plan
+    and are quantized alike (no bias): they become TiedHeads of the quantized embedding, as mlx-lm's tied models."""
+    embeddings = {id(module.weight): (path, params) for path, module, params in plan
+                  if isinstance(module, nn.Embedding)}
+    ties = {}
+    for path, module, params in plan:
+        tied = embeddings.get(id(module.weight)) if isinstance(module, nn.Linear) else None
+        if tied is not None and module.bias is None and params == tied[1]:
+            ties[path] = tied[0]
+    return ties
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, new)
 
 
 def model_bits_per_weight(model: nn.Module) -> float:
