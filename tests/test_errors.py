@@ -248,8 +248,10 @@ CASES = [
     case("qqmm", lambda: qq(X, *MX4, group_size=64, mode="mxfp4"), GS.format("mxfp4", "32", 64), "mxfp4-gs64"),
     case("qqmm", lambda: qq(X, MX8[0], MX8[1].float(), mode="mxfp8"),
          r"mxfp8 scales must be uint8 \(e8m0 bytes\) but got dtype torch\.float32", "scales-float"),
-    case("qqmm", lambda: qq(X.clone().requires_grad_(), *NV),
-         r"Activation-quantized matmuls have no gradient; use quantized_matmul", "x-requires-grad"),
+    case("qqmm", lambda: qq(X.clone().requires_grad_(), *NV, global_scale_x=G1, global_scale_w=G1),
+         r"Gradients with tensor scales \(global_scale_x / global_scale_w\) are not supported", "grad-global"),
+    case("gather_qqmm", lambda: gqq(X3.clone().requires_grad_(), *NV3),
+         r"gather_qqmm has no gradient; use gather_qmm to train", "x-requires-grad"),
     case("qqmm", lambda: qq(X, *NV, global_scale_x=G1.to(META), global_scale_w=G1),
          r"All tensors must be on the same device but got global_scale_x on meta, x on cpu", "device"),
     # ------------------------------------------------------------------------------------------ gather_qqmm

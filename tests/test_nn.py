@@ -385,6 +385,56 @@ def test_qqlinear_matches_mlx(mode):
         assert_close(y, to_torch(mq(to_mx(x))), atol=2e-5, what="vs MLX")
 
 
+@pytest.mark.parametrize("mode", ["nvfp4", "mxfp8", "mxfp4"])
+def test_qqlinear_train_mode_keeps_a_float_weight_with_straight_through_gradients(mode, tmp_path):
+    """train(): the weight becomes a float parameter (the dequantized values, MLX's dtype), quantized on the fly
+    by the forward; gradients are the straight-through ones, g @ qdq(w) for x and g^T @ qdq(x) for the weight;
+    a few steps of training lower the loss; eval() quantizes the trained weight; a model in training mode is not
+    saved as a checkpoint."""
+    from lowbit.models import save_quantized
+
+    gen = make_gen(13)
+    lin = float_linear(gen, bias=True)
+    q = QQLinear.from_linear(lin, mode=mode)
+    assert not q.training and q.weight.dtype == torch.uint32
+    x = randn(gen, 6, K)
+    eval_out = q(x).detach()
+    q.train()
+    assert isinstance(q.weight, nn.Parameter) and q.scales is None and "scales" not in q.state_dict()
+    assert same_bits(q.weight.detach(), lowbit.dequantize(*w_q_of(q, lin, mode), mode=mode)) and q.input_dims == K
+    x.requires_grad_(True)
+    y = q(x)
+    assert same_bits(y.detach(), eval_out)  # the float weight requantizes to the codes it came from
+    g = randn(gen, 6, N)
+    (y * g).sum().backward()
+    w_hat = fake_quant_f64(q.weight.detach().float(), mode)
+    assert_close(x.grad, g.double() @ w_hat, atol=1e-5, what="grad x")
+    grad_w = g.double().T @ fake_quant_f64(x.detach(), mode)  # (the weight, and so its gradient, is bfloat16)
+    assert_close(q.weight.grad, grad_w, atol=1e-3, rtol=2 ** -8, what="grad w")
+    with pytest.raises(ValueError, match=r"\[save_quantized\].*QQLinear in training mode.*model\.eval\(\)"):
+        save_quantized(nn.Sequential(q), tmp_path / "ckpt", {})
+
+    q.weight.data = q.weight.data.float()
+    optimizer = torch.optim.SGD(q.parameters(), lr=0.05)
+    target = randn(gen, 6, N)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = ((q(x.detach()) - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    q.eval()
+    assert q.weight.dtype == torch.uint32 and not [n for n, _ in q.named_parameters() if n == "weight"]
+    with torch.no_grad():
+        assert ((q(x.detach()) - target) ** 2).mean().item() < losses[0]
+
+
+def w_q_of(q, lin, mode):
+    return lowbit.quantize(lin.weight.detach(), mode=mode)
+
+
 def test_qqlinear_rejects_affine():
     with pytest.raises(ValueError, match=r"\[QQLinear\]"):
         QQLinear(K, N, mode="affine")

@@ -51,6 +51,10 @@ def save_quantized(model: nn.Module, path: str | Path, quantization: dict, confi
     `config` is the model's own config (for a transformers model: `model.config.to_dict()`); it is written with the
     quantization block added and mirrored to `quantization_config`, keys sorted, as mlx-lm's save_config does.
     """
+    training = [p for p, m in model.named_modules() if isinstance(m, QQLinear) and m.weight.is_floating_point()]
+    if training:
+        raise ValueError(f"[save_quantized] {', '.join(training)} hold float weights (QQLinear in training mode); "
+                         f"call model.eval() to quantize them first.")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}

@@ -73,7 +73,30 @@ class QQLinear(QuantizedWeight):
     Each row's activations are quantized in its own groups, so the result stays batch-invariant. No tensor scales:
     a per-call activation amax would make a row depend on its batch. The bias is a lowbit extension (MLX's QQLinear
     has none).
+
+    As MLX's: `train()` turns the weight into a float parameter (dequantized, MLX's dtype) that the forward
+    quantizes on the fly, with straight-through gradients for x and the weight (quantization-aware training);
+    `eval()` quantizes it again. Unlike MLX's, a new layer starts quantized (as eval) whatever the linear's mode,
+    so quantize_model never leaves float weights behind.
     """
+
+    def train(self, mode: bool = True) -> "QQLinear":
+        super().train(mode)
+        if mode and self.weight.dtype == torch.uint32:
+            w = self.dequantized_weight()
+            del self.weight
+            self.scales = None
+            self.weight = nn.Parameter(w)
+        elif not mode and self.weight.dtype != torch.uint32:
+            w = self.weight.detach()
+            del self.weight
+            self.register_buffer("weight", None)
+            self.quantize_from(w)
+        return self
+
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[-1] if self.weight.is_floating_point() else super().input_dims
 
     def __init__(self, input_dims: int, output_dims: int, group_size: int | None = None, bits: int | None = None,
                  mode: str = "nvfp4", bias: bool = False):
@@ -84,6 +107,7 @@ class QQLinear(QuantizedWeight):
         super().__init__(group_size, bits, mode, "QQLinear")
         _empty_linear(self, input_dims, output_dims, "QQLinear")
         self.bias = nn.Parameter(torch.zeros(output_dims)) if bias else None
+        self.training = False  # (quantized: the eval form; train() makes the weight float)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None = None, bits: int | None = None,
@@ -96,12 +120,17 @@ class QQLinear(QuantizedWeight):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.qqmm(x, self.weight, self.scales, self.group_size, self.bits, self.mode)
+        y = ops.qqmm(x, self.weight, self.scales, self.group_size, self.bits, self.mode)  # (a float weight: training)
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> nn.Linear:
         """A float nn.Linear with the dequantized weight (activations are no longer quantized)."""
         return QuantizedLinear.dequantize(self)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.weight.is_floating_point():  # training: the float weight (its forward quantizes it)
+            return self.weight.detach().to(dtype or self.weight.dtype)
+        return super().dequantized_weight(dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bias={self.bias is not None}"

@@ -16,7 +16,7 @@ from ..backends import backend_for, tracing_shapes
 from ..formats import ModeSpec, resolve_params
 from ..formats.nvfp4 import tensor_decode_scale
 from . import checks
-from .quantization import eager_quantize
+from .quantization import eager_dequantize, eager_quantize
 
 FP_ACTIVATION_MODES = ("nvfp4", "mxfp8", "mxfp4")
 
@@ -394,9 +394,42 @@ def _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, gl
     return w, scales, gs, b
 
 
-def _reject_activation_grad(op, x):
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise ValueError(f"[{op}] Activation-quantized matmuls have no gradient; use quantized_matmul to train.")
+class _StraightThrough(torch.autograd.Function):
+    """An activation-quantized product whose gradients treat quantization as the identity (the straight-through
+    estimator of quantization-aware training): dL/dx = g @ w_hat and dL/dw = g^T @ x_hat, where x_hat and w_hat
+    are the quantize-dequantized operands the product multiplied."""
+
+    @staticmethod
+    def forward(ctx, x, w, product, operands):
+        out = product(x, w)
+        x_hat, w_hat = operands(x, w)
+        ctx.save_for_backward(x_hat, w_hat)
+        ctx.dtypes = (x.dtype, w.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, w_hat = ctx.saved_tensors
+        g = grad.float()
+        grad_x = (g @ w_hat).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.reshape(-1, g.shape[-1]).T @ x_hat.reshape(-1, x_hat.shape[-1])).to(ctx.dtypes[1])
+        return grad_x, grad_w, None, None
+
+
+def _wants_grad(op, x, w, scales, global_scale_x) -> bool:
+    """Whether the call needs the straight-through gradient (x or a float w requires grad); what it cannot give
+    is refused: gradients for scales (MLX refuses them for fp modes) and with tensor scales."""
+    if not torch.is_grad_enabled():
+        return False
+    if isinstance(scales, torch.Tensor) and scales.requires_grad:
+        raise ValueError(f"[{op}] Gradients are supported with respect to x and a float w only, but scales "
+                         f"requires grad.")
+    wants = x.requires_grad or (isinstance(w, torch.Tensor) and w.requires_grad)
+    if wants and global_scale_x is not None:
+        raise ValueError(f"[{op}] Gradients with tensor scales (global_scale_x / global_scale_w) are not supported.")
+    return wants
 
 
 def eager_qqmm(
@@ -416,13 +449,23 @@ def eager_qqmm(
     """
     op = "qqmm"
     checks.check_float(op, "x", x)
+    if _wants_grad(op, x, w, scales, global_scale_x):
+        def product(x, w):
+            return eager_qqmm(x, w, scales, group_size, bits, mode)
+
+        def operands(x, w):
+            _, gs, b = resolve_params(op, mode, group_size, bits)
+            x_hat = backend_for(op, x.device).fake_quantize(x, mode, gs, b, None, torch.float32)
+            w_q, w_scales = (w, scales) if scales is not None else eager_quantize(w, gs, b, mode)
+            return x_hat, eager_dequantize(w_q, w_scales, None, gs, b, mode, None, torch.float32)
+
+        return _StraightThrough.apply(x, w, product, operands)
     w, scales, gs, b = _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, global_scale_w, 1)
     if w.ndim != 2:
         raise ValueError(f"[{op}] w must be a 2-D matrix but got shape {tuple(w.shape)}; use gather_qqmm for experts.")
     wt = _weight(op, w, scales, None, True, gs, b, mode, global_scale_w)
     _check_x(op, x, wt)
     checks.check_same_device(op, global_scale_x=global_scale_x, x=x)
-    _reject_activation_grad(op, x)
     x_hat, wt = _quantized_activations(op, x, wt, global_scale_x)
     return _matmul(op, x_hat, wt, x.dtype)
 
@@ -452,7 +495,8 @@ def eager_gather_qqmm(
     wt = _weight(op, w, scales, None, True, gs, b, mode, global_scale_w, (1, n_experts))
     _check_x(op, x, wt, min_ndim=2)
     checks.check_same_device(op, global_scale_x=global_scale_x, x=x)
-    _reject_activation_grad(op, x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError(f"[{op}] gather_qqmm has no gradient; use gather_qmm to train.")
     x_hat, wt = _quantized_activations(op, x, wt, global_scale_x)
     if lhs_indices is None and rhs_indices is None:
         return _matmul(op, x_hat, wt, x.dtype)
