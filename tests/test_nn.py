@@ -401,7 +401,8 @@ def test_qqlinear_train_mode_keeps_a_float_weight_with_straight_through_gradient
     eval_out = q(x).detach()
     q.train()
     assert isinstance(q.weight, nn.Parameter) and q.scales is None and "scales" not in q.state_dict()
-    assert same_bits(q.weight.detach(), lowbit.dequantize(*w_q_of(q, lin, mode), mode=mode)) and q.input_dims == K
+    codes = lowbit.quantize(lin.weight.detach(), mode=mode)
+    assert same_bits(q.weight.detach(), lowbit.dequantize(*codes, mode=mode)) and q.input_dims == K
     x.requires_grad_(True)
     y = q(x)
     assert same_bits(y.detach(), eval_out)  # the float weight requantizes to the codes it came from
@@ -429,10 +430,6 @@ def test_qqlinear_train_mode_keeps_a_float_weight_with_straight_through_gradient
     assert q.weight.dtype == torch.uint32 and not [n for n, _ in q.named_parameters() if n == "weight"]
     with torch.no_grad():
         assert ((q(x.detach()) - target) ** 2).mean().item() < losses[0]
-
-
-def w_q_of(q, lin, mode):
-    return lowbit.quantize(lin.weight.detach(), mode=mode)
 
 
 def test_qqlinear_rejects_affine():
