@@ -40,43 +40,42 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_tracing = threading.local()
+class _ThreadFlag(threading.local):
+    """A per-thread flag, raised within `with flag.raised():`."""
+
+    up = False
+
+    @contextlib.contextmanager
+    def raised(self):
+        before, self.up = self.up, True
+        try:
+            yield
+        finally:
+            self.up = before
 
 
-@contextlib.contextmanager
+_TRACING, _PER_CALL_WORKSPACE = _ThreadFlag(), _ThreadFlag()
+
+
 def shapes_only():
     """Within: every op runs the meta backend (fake tensors, torch.compile's tracing) and skips the checks that
     read data (index ranges, non-finite weights); the real call checks them."""
-    before = getattr(_tracing, "active", False)
-    _tracing.active = True
-    try:
-        yield
-    finally:
-        _tracing.active = before
+    return _TRACING.raised()
 
 
 def tracing_shapes() -> bool:
-    return getattr(_tracing, "active", False)
+    return _TRACING.up
 
 
-_workspace = threading.local()
-
-
-@contextlib.contextmanager
 def per_call_workspace():
     """Within: kernels allocate their scratch memory per call and keep none between calls. The registered ops run
     so: a compiled graph calls them, and torch.compile's CUDA graphs (cudagraph trees) run their warm-up calls with
     every allocation routed into the graph's memory pool, which must hold nothing that outlives the graph."""
-    before = getattr(_workspace, "per_call", False)
-    _workspace.per_call = True
-    try:
-        yield
-    finally:
-        _workspace.per_call = before
+    return _PER_CALL_WORKSPACE.raised()
 
 
 def workspace_per_call() -> bool:
-    return getattr(_workspace, "per_call", False)
+    return _PER_CALL_WORKSPACE.up
 
 
 def backend_for(op: str, device) -> ModuleType:

@@ -397,13 +397,13 @@ def _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, gl
 class _StraightThrough(torch.autograd.Function):
     """An activation-quantized product whose gradients treat quantization as the identity (the straight-through
     estimator of quantization-aware training): dL/dx = g @ w_hat and dL/dw = g^T @ x_hat, where x_hat and w_hat
-    are the quantize-dequantized operands the product multiplied."""
+    are the quantize-dequantized operands the product multiplied. `product(x)` returns (out, x_hat); `w_hat()` the
+    weight's values."""
 
     @staticmethod
-    def forward(ctx, x, w, product, operands):
-        out = product(x, w)
-        x_hat, w_hat = operands(x, w)
-        ctx.save_for_backward(x_hat, w_hat)
+    def forward(ctx, x, w, product, w_hat):
+        out, x_hat = product(x)
+        ctx.save_for_backward(x_hat, w_hat())
         ctx.dtypes = (x.dtype, w.dtype)
         return out
 
@@ -414,7 +414,8 @@ class _StraightThrough(torch.autograd.Function):
         grad_x = (g @ w_hat).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (g.reshape(-1, g.shape[-1]).T @ x_hat.reshape(-1, x_hat.shape[-1])).to(ctx.dtypes[1])
+            x_hat = x_hat.reshape(-1, x_hat.shape[-1]).float()
+            grad_w = (g.reshape(-1, g.shape[-1]).T @ x_hat).to(ctx.dtypes[1])
         return grad_x, grad_w, None, None
 
 
@@ -449,25 +450,24 @@ def eager_qqmm(
     """
     op = "qqmm"
     checks.check_float(op, "x", x)
-    if _wants_grad(op, x, w, scales, global_scale_x):
-        def product(x, w):
-            return eager_qqmm(x, w, scales, group_size, bits, mode)
-
-        def operands(x, w):
-            _, gs, b = resolve_params(op, mode, group_size, bits)
-            x_hat = backend_for(op, x.device).fake_quantize(x, mode, gs, b, None, torch.float32)
-            w_q, w_scales = (w, scales) if scales is not None else eager_quantize(w, gs, b, mode)
-            return x_hat, eager_dequantize(w_q, w_scales, None, gs, b, mode, None, torch.float32)
-
-        return _StraightThrough.apply(x, w, product, operands)
-    w, scales, gs, b = _activation_weight(op, w, scales, group_size, bits, mode, global_scale_x, global_scale_w, 1)
+    wants_grad = _wants_grad(op, x, w, scales, global_scale_x)
+    w_given = w
+    w, scales, gs, b = _activation_weight(op, w.detach() if isinstance(w, torch.Tensor) else w, scales, group_size,
+                                          bits, mode, global_scale_x, global_scale_w, 1)
     if w.ndim != 2:
         raise ValueError(f"[{op}] w must be a 2-D matrix but got shape {tuple(w.shape)}; use gather_qqmm for experts.")
     wt = _weight(op, w, scales, None, True, gs, b, mode, global_scale_w)
     _check_x(op, x, wt)
     checks.check_same_device(op, global_scale_x=global_scale_x, x=x)
-    x_hat, wt = _quantized_activations(op, x, wt, global_scale_x)
-    return _matmul(op, x_hat, wt, x.dtype)
+
+    def product(x):
+        x_hat, wt_x = _quantized_activations(op, x, wt, global_scale_x)
+        return _matmul(op, x_hat, wt_x, x.dtype), x_hat
+
+    if wants_grad:  # (no tensor scales here: x_hat is the whole quantize-dequantized x)
+        return _StraightThrough.apply(
+            x, w_given, product, lambda: eager_dequantize(w, scales, None, gs, b, mode, None, torch.float32))
+    return product(x)[0]
 
 
 def eager_gather_qqmm(
