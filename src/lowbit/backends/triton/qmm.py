@@ -24,7 +24,7 @@ from .launch import MODE_IDS, TL_DTYPES, launcher
 from .prefill import prefill_qmm
 from .reduction import block_k, k_splits, slot_major
 from .tiles import (
-    block_tiles, nn_weight_tile, packed_decoding, packed_planes, per_pack, slot_plane,
+    block_scales, block_words, nn_weight_tile, packed_decoding, packed_planes, per_pack, slot_major_tile, slot_plane,
     slot_plane_runtime,
 )
 
@@ -37,31 +37,25 @@ def _plane_dot(partial, plane, x_block, m_mask, SLOT: tl.constexpr, PACKS: tl.co
 
 
 @triton.jit
-def _nt_block(partial, x_ptr, x_rows, w_base, s_base, b_base, kb, K, m_mask, offs_n, n_mask,
-              sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+def _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n, n_mask, sw_r, sw_c,
               MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
               SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
               PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr):
     """One K block of a transpose=True product (w is (N, K), codes along K), plane by plane in slot order.
 
     Every word is loaded once; x arrives slot-major (reduction.slot_major), so each plane's x is contiguous;
-    x_rows holds each token column's offset into x."""
+    x_rows holds each token column's offset into x; scale and bias are the block's (N, GROUPS) tiles, loaded one
+    block ahead by the caller."""
     PACKS: tl.constexpr = BLOCK_K // PER_PACK
     GROUPS: tl.constexpr = BLOCK_K // GS
-    w0, w1, w2, w3, w4, scale, bias = block_tiles(w_base, s_base, b_base, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r,
-                                                  ss_c, sb_r, sb_c, MODE, GS, PER_PACK, WORDS, BLOCK_K)
+    w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS, PACKS)
     x_block = x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
-    if PACKED:
+    if PACKED:  # the block's planes side by side, slot-major: one (N, BLOCK_K) operand, one dot
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, GROUPS, PACKS, DOT_DTYPE)
-        partial = _plane_dot(partial, p0, x_block, m_mask, 0, PACKS, DOT_DTYPE, PRECISION)
-        partial = _plane_dot(partial, p1, x_block, m_mask, 1, PACKS, DOT_DTYPE, PRECISION)
-        partial = _plane_dot(partial, p2, x_block, m_mask, 2, PACKS, DOT_DTYPE, PRECISION)
-        partial = _plane_dot(partial, p3, x_block, m_mask, 3, PACKS, DOT_DTYPE, PRECISION)
-        if BITS == 4:
-            partial = _plane_dot(partial, p4, x_block, m_mask, 4, PACKS, DOT_DTYPE, PRECISION)
-            partial = _plane_dot(partial, p5, x_block, m_mask, 5, PACKS, DOT_DTYPE, PRECISION)
-            partial = _plane_dot(partial, p6, x_block, m_mask, 6, PACKS, DOT_DTYPE, PRECISION)
-            partial = _plane_dot(partial, p7, x_block, m_mask, 7, PACKS, DOT_DTYPE, PRECISION)
+        tile = slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS)
+        x_t = tl.load(x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, BLOCK_K)[:, None], mask=m_mask[None, :],
+                      other=0.0)
+        partial = tl.dot(tile, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
     else:
         scale = per_pack(scale, GROUPS, PACKS)
         bias = per_pack(bias, GROUPS, PACKS)
@@ -157,12 +151,18 @@ def qmm_kernel(
     total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for s in range(first, last):
         partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if TRANSPOSE:  # each block's scales are loaded one block ahead: their latency hides behind a block's work
+            scale, bias = block_scales(s_base, b_base, s * per_split, K, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c,
+                                       MODE, GS, BLOCK_K)
         for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_end)):
             if TRANSPOSE:
-                partial = _nt_block(partial, x_ptr, x_rows, w_base, s_base, b_base, kb, K, m_mask, offs_n, n_mask,
-                                    sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
-                                    MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE, PRECISION,
+                next_scale, next_bias = block_scales(s_base, b_base, kb + 1, K, offs_n, n_mask, ss_r, ss_c, sb_r,
+                                                     sb_c, MODE, GS, BLOCK_K)
+                partial = _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n, n_mask,
+                                    sw_r, sw_c, MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE, PRECISION,
                                     BLOCK_K, PACKED, UNROLL_SLOTS, INTERPRET)
+                scale = next_scale
+                bias = next_bias
             else:  # w is (K, N): rows run along K, codes along N
                 offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
                 k_mask = offs_k < K

@@ -32,10 +32,15 @@ def values_of(codes, scale, bias, MODE: tl.constexpr, SCALE_DTYPE: tl.constexpr,
 
 @triton.jit
 def block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c,
-                PER_PACK: tl.constexpr, WORDS: tl.constexpr, PACKS: tl.constexpr):
-    """The word planes (N, PACKS) of K block kb: plane j holds word j of every pack (unused planes repeat plane 0)."""
+                GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr, PACKS: tl.constexpr):
+    """The word planes (N, PACKS) of K block kb: plane j holds word j of every pack (unused planes repeat plane 0).
+
+    K is a whole number of groups, so the mask is constant over each group's packs; saying so lets the compiler
+    load a row's words in 16-byte vectors (without it, one 4-byte load per word)."""
     pack = (kb * PACKS + tl.arange(0, PACKS)).to(tl.int64)
     mask = n_mask[:, None] & (pack * PER_PACK < K)[None, :]
+    if GS // PER_PACK > 1:
+        mask = tl.max_constancy(mask, [1, GS // PER_PACK])
     row = w_base + offs_n[:, None] * sw_r
     w0 = tl.load(row + (pack * WORDS)[None, :] * sw_c, mask=mask, other=0).to(tl.uint32, bitcast=True)
     w1 = w0
@@ -60,17 +65,25 @@ def block_groups(ptr, kb, K, offs_n, n_mask, s_r, s_c, GS: tl.constexpr, GROUPS:
 
 
 @triton.jit
-def block_tiles(w_base, s_base, b_base, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
-                MODE: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """Everything K block kb of rows offs_n needs: its word planes (block_words), scales and biases (N, GROUPS);
-    fp modes have no biases and get the scales in their place."""
-    w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, PER_PACK, WORDS, BLOCK_K // PER_PACK)
+def block_scales(s_base, b_base, kb, K, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c,
+                 MODE: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (N, GROUPS) scales and biases of K block kb; fp modes have no biases and get the scales in their place."""
     scale = block_groups(s_base, kb, K, offs_n, n_mask, ss_r, ss_c, GS, BLOCK_K // GS)
     if MODE == 0:
         bias = block_groups(b_base, kb, K, offs_n, n_mask, sb_r, sb_c, GS, BLOCK_K // GS)
     else:
         bias = scale
+    return scale, bias
+
+
+@triton.jit
+def block_tiles(w_base, s_base, b_base, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r, ss_c, sb_r, sb_c,
+                MODE: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Everything K block kb of rows offs_n needs: its word planes (block_words), scales and biases (block_scales)."""
+    w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS,
+                                     BLOCK_K // PER_PACK)
+    scale, bias = block_scales(s_base, b_base, kb, K, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c, MODE, GS, BLOCK_K)
     return w0, w1, w2, w3, w4, scale, bias
 
 
@@ -137,6 +150,20 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
         p0, p2 = _packed_pair(w0, scale2, bias2, MODE, BITS, DOT_DTYPE)
         p1, p3 = _packed_pair(w0 >> 8, scale2, bias2, MODE, BITS, DOT_DTYPE)
         return p0, p1, p2, p3, p0, p0, p0, p0
+
+
+@triton.jit
+def slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS: tl.constexpr):
+    """packed_planes' planes (N, PACKS) side by side in slot order: (N, PER_PACK * PACKS), column s * PACKS + p
+    holding plane s's column p, the block's canonical K order. Joins, a permute and a reshape: register moves."""
+    n: tl.constexpr = p0.shape[0]
+    packs: tl.constexpr = p0.shape[1]
+    if BITS == 4:  # join order: dims (pack, slot bit 2, slot bit 0, slot bit 1)
+        planes = tl.join(tl.join(tl.join(p0, p4), tl.join(p1, p5)), tl.join(tl.join(p2, p6), tl.join(p3, p7)))
+        return tl.reshape(tl.permute(planes, (0, 2, 4, 3, 1)), (n, 8 * packs))
+    else:  # dims (pack, slot bit 1, slot bit 0)
+        planes = tl.join(tl.join(p0, p2), tl.join(p1, p3))
+        return tl.reshape(tl.permute(planes, (0, 2, 3, 1)), (n, 4 * packs))
 
 
 def packed_decoding(mode: str, bits: int, scale_dtype, bias_dtype, weight_dtype, dot_dtype, interpret: bool) -> bool:
