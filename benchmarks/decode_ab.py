@@ -4,7 +4,9 @@ Llama-3-8B shapes under CUDA graphs, and saves the outputs so two source trees c
 Usage (GPU machine, repo root):
   PYTHONPATH=<tree>/src python benchmarks/decode_ab.py TAG [--sweep]   # writes $OUT/TAG.pt, prints a table
   python benchmarks/decode_ab.py --compare A B                          # bitwise comparison of two runs
---sweep adds tile/stage variants (LOWBIT_QMM_TILE) for the tree under test.
+--sweep adds tile/stage variants (LOWBIT_QMM_TILE[:LOWBIT_QMM_BLOCKS];
+SWEEP="16,64,4,4 16,64,4,3:2 ..." to choose) for the tree under test;
+FORMATS="affine4g64 mxfp4" limits the formats.
 """
 
 import os
@@ -20,7 +22,7 @@ FORMATS = (("affine", 64, 4), ("affine", 32, 4), ("affine", 128, 4), ("affine", 
            ("nvfp4", 16, 4))
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 MS = (1, 4, 16)
-SWEEP = ("16,64,4,4", "16,64,4,6", "16,128,8,4", "16,64,8,4")
+SWEEP = tuple(os.environ.get("SWEEP", "16,64,4,4 16,64,4,6 16,128,8,4 16,64,8,4").split())
 
 
 def run(tag: str, sweep: bool) -> None:
@@ -29,7 +31,10 @@ def run(tag: str, sweep: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     saved = {}
     rows = []
+    only = os.environ.get("FORMATS")  # e.g. "affine4g64 mxfp4"
     for mode, gs, bits in FORMATS:
+        if only and f"{mode}{bits}g{gs}" not in only.split() and mode not in only.split():
+            continue
         for n, k in SHAPES:
             qs = _weights(mode, gs, bits, n, k, 6, gen)
             moved = _nbytes(*qs[0])
@@ -40,7 +45,8 @@ def run(tag: str, sweep: bool) -> None:
             for m in MS:
                 configs = [None] + (list(SWEEP) if sweep and m == 1 else [])
                 for tile in configs:
-                    env = {} if tile is None else {"LOWBIT_QMM_TILE": tile}
+                    env = {} if tile is None else {"LOWBIT_QMM_TILE": tile.split(":")[0],
+                                                   "LOWBIT_QMM_BLOCKS": (tile.split(":") + ["1"])[1]}
                     with tuned(**env):
                         us = graph_time_us([lambda q=q: lowbit.quantized_matmul(xs[m], *q, True, gs, bits, mode)
                                             for q in qs])

@@ -12,6 +12,7 @@ from lowbit.formats import dequantize_groups, quantize_groups
 
 triton = pytest.importorskip("triton")
 from lowbit.backends.triton.qmm import forget_plans  # noqa: E402
+from lowbit.backends.triton.reduction import block_k  # noqa: E402
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
@@ -133,6 +134,19 @@ def test_kernels_use_exactly_the_dequantized_values(monkeypatch, mode, gs, bits,
     assert same_bits(lowbit.quantized_matmul(eye, *q, transpose, gs, bits, mode), expected.T)
 
 
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-3, 1e30])
+def test_packed_affine4_exact_at_extreme_scales(magnitude, gen):
+    """The bf16 4-bit decoder rounds code * scale with one fma on (128 + code) * scale - 128 * scale: exact for
+    subnormal and huge scales too (the dequantized values themselves come out of an identity product)."""
+    k, n = 256, 64
+    w = (randn(n, k, gen=gen, dtype=torch.float32) * magnitude).to(torch.bfloat16)
+    q = quantize3(w, 64, 4, "affine")
+    w_hat = lowbit.dequantize(*q, 64, 4, "affine", dtype=torch.bfloat16)
+    eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE)
+    assert same_bits(lowbit.quantized_matmul(eye[:8], *q, True, 64, 4, "affine"), w_hat[:, :8].T)
+    assert same_bits(lowbit.quantized_matmul(eye[100:116], *q, True, 64, 4, "affine"), w_hat[:, 100:116].T)
+
+
 @pytest.mark.parametrize("mode, gs, bits, dtype", PACKED_FORMATS)
 @pytest.mark.parametrize("transpose", [True, False])
 def test_prefill_path_matches_oracle_and_decode(monkeypatch, mode, gs, bits, dtype, transpose, gen):
@@ -153,6 +167,25 @@ def test_prefill_path_matches_oracle_and_decode(monkeypatch, mode, gs, bits, dty
         assert torch.equal(prefill, decode)
     else:  # the interpreter's numpy dots round by tile shape
         assert rel_err(prefill, decode.double()) < 1e-2
+
+
+@pytest.mark.skipif(not GPU, reason="the packed decoders are inline PTX")
+@pytest.mark.parametrize("mode, gs, bits, dtype", PACKED_FORMATS[:6])
+@pytest.mark.parametrize("k_blocks", [13, 22])
+def test_blocks_per_step_do_not_change_bits(monkeypatch, mode, gs, bits, dtype, k_blocks, gen):
+    """The decode kernel may take several K blocks a step (one wider dot): the same k16 MMAs in the same order, so
+    the same bits; steps that cross a split's end or K's end read zeros there. 13 blocks make two splits of 7 and
+    6 blocks; K ends one group short of the last block's end."""
+    k = k_blocks * block_k(bits, gs, True) - gs
+    q = quantize3(randn(512, k, gen=gen, scale=k**-0.5, dtype=dtype), gs, bits, mode)
+    w_hat = dequantize_f64(q, gs, bits, mode).to(DEVICE)
+    x = randn(3, k, gen=gen, dtype=dtype)
+    outputs = []
+    for blocks in ("1", "2", "4"):
+        tune(monkeypatch, "LOWBIT_QMM_BLOCKS", blocks)
+        outputs.append(lowbit.quantized_matmul(x, *q, True, gs, bits, mode))
+    assert rel_err(outputs[0], x.double() @ w_hat.T) < 1e-2
+    assert same_bits(outputs[1], outputs[0]) and same_bits(outputs[2], outputs[0])
 
 
 @pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("affine", 64, 8)])

@@ -203,6 +203,51 @@ def affine4_pair(words, scale2, bias2, DTYPE: tl.constexpr):
     return affine_pair(words & 0x000F000F, scale2, bias2, DTYPE)
 
 
+# Pack-pair decoding (4-bit affine): the MMA's register pairs hold the same code slot of two neighbouring packs, so
+# decoding straight into them needs no lane shuffles afterwards. `nibbles` = word & 0x0F0F0F0F (even slots) or
+# (word >> 4) & 0x0F0F0F0F (odd slots): slot s sits in byte s // 2. prmt gathers byte j of two packs' nibbles into
+# the two lanes, zero-filling the high bytes (sign replication of a byte below 0x80), so one prmt and one or give
+# both lanes' magic-number value.
+# bf16: (128 + code) * scale - 128 * scale is computed exactly and rounded once by fma, which is round(code * scale)
+# exactly as MLX's first rounding (128 * scale is exact unless |scale| > 2**120, where the result overflows to
+# infinity: no finite model has such scales; non-finite scales stay non-finite). f16 keeps sub + mul: 1024 * scale
+# overflows f16 from |scale| >= 64.
+@triton.jit
+def _prmt_byte(BYTE: tl.constexpr):
+    """prmt selector: lanes (byte BYTE of a, 0, byte BYTE of b, 0)."""
+    return BYTE | ((8 | BYTE) << 4) | ((4 + BYTE) << 8) | ((8 | BYTE) << 12)
+
+
+@triton.jit
+def affine4_pack_pair(nibbles_a, nibbles_b, scale2, neg128_scale2, bias2, BYTE: tl.constexpr,
+                      DTYPE: tl.constexpr):
+    """Code slot (2 * BYTE or 2 * BYTE + 1, by which nibbles are given) of packs a and b -> the two lanes (a, b) of
+    round(round(code * scale) + bias) in DTYPE (bf16 or f16). neg128_scale2: -128 * scale in both lanes (bf16)."""
+    selector = tl.full(nibbles_a.shape, _prmt_byte(BYTE), tl.uint32)
+    if DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t;
+            prmt.b32 t, $2, $3, $4;
+            or.b32 t, t, 0x43004300;
+            fma.rn.bf16x2 t, t, $5, $6;
+            add.rn.bf16x2 t, t, $7;
+            mov.b32 {$0, $1}, t; }""",
+            "=h,=h,r,r,r,r,r,r", [nibbles_a, nibbles_b, selector, scale2, neg128_scale2, bias2],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, c;
+            prmt.b32 t, $2, $3, $4;
+            mov.b32 c, 0x64006400;
+            or.b32 t, t, c;
+            sub.rn.f16x2 t, t, c;
+            mul.rn.f16x2 t, t, $5;
+            add.rn.f16x2 t, t, $7;
+            mov.b32 {$0, $1}, t; }""",
+            "=h,=h,r,r,r,r,r,r", [nibbles_a, nibbles_b, selector, scale2, neg128_scale2, bias2],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
 @triton.jit
 def affine8_pair(words, scale2, bias2, DTYPE: tl.constexpr):
     """Codes in bits 0-7 and 16-23 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16).

@@ -40,21 +40,26 @@ def _plane_dot(partial, plane, x_block, m_mask, SLOT: tl.constexpr, PACKS: tl.co
 def _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n, n_mask, sw_r, sw_c,
               MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
               SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-              PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr):
-    """One K block of a transpose=True product (w is (N, K), codes along K), plane by plane in slot order.
+              BLOCKS: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr):
+    """K blocks kb .. kb + BLOCKS - 1 of a transpose=True product (w is (N, K), codes along K), in canonical order.
 
     Every word is loaded once; x arrives slot-major (reduction.slot_major), so each plane's x is contiguous;
-    x_rows holds each token column's offset into x; scale and bias are the block's (N, GROUPS) tiles, loaded one
-    block ahead by the caller."""
+    x_rows holds each token column's offset into x; scale and bias are the blocks' (N, BLOCKS * GROUPS) tiles,
+    loaded one step ahead by the caller. K here ends the caller's split: blocks past it read as zeros (BLOCKS > 1
+    only with PACKED)."""
     PACKS: tl.constexpr = BLOCK_K // PER_PACK
     GROUPS: tl.constexpr = BLOCK_K // GS
-    w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS, PACKS)
+    w0, w1, w2, w3, w4 = block_words(w_base, kb * PACKS, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS,
+                                     BLOCKS * PACKS)
     x_block = x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
-    if PACKED:  # the block's planes side by side, slot-major: one (N, BLOCK_K) operand, one dot
-        p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, GROUPS, PACKS, DOT_DTYPE)
-        tile = slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS)
-        x_t = tl.load(x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, BLOCK_K)[:, None], mask=m_mask[None, :],
-                      other=0.0)
+    if PACKED:  # the blocks' planes side by side, slot-major: one (N, BLOCKS * BLOCK_K) operand, one dot
+        p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, BLOCKS * GROUPS, BLOCKS * PACKS,
+                                                       DOT_DTYPE)
+        tile = slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS, BLOCKS)
+        # x is slot-major and zero-padded to whole blocks: only blocks past the split's last one are masked
+        k = kb * BLOCK_K + tl.arange(0, BLOCKS * BLOCK_K)
+        x_mask = tl.max_constancy((k < tl.cdiv(K, BLOCK_K) * BLOCK_K)[:, None] & m_mask[None, :], [BLOCK_K, 1])
+        x_t = tl.load(x_ptr + x_rows[None, :] + k[:, None], mask=x_mask, other=0.0)
         partial = tl.dot(tile, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
     else:
         scale = per_pack(scale, GROUPS, PACKS)
@@ -83,7 +88,8 @@ def qmm_kernel(
     PER_PACK: tl.constexpr, WORDS: tl.constexpr, WORDS_POW2: tl.constexpr,
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROUTING: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr,
+    ROUTING: tl.constexpr, PACKED: tl.constexpr, BLOCKS: tl.constexpr, UNROLL_SLOTS: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One tile of (BLOCK_N weights of one weight matrix) x (up to BLOCK_M output rows that use it), over all of K
     or one split of it.
@@ -151,16 +157,19 @@ def qmm_kernel(
     total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for s in range(first, last):
         partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        if TRANSPOSE:  # each block's scales are loaded one block ahead: their latency hides behind a block's work
-            scale, bias = block_scales(s_base, b_base, s * per_split, K, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c,
-                                       MODE, GS, BLOCK_K)
-        for kb in range(s * per_split, tl.minimum((s + 1) * per_split, k_end)):
+        lo = s * per_split
+        hi = tl.minimum((s + 1) * per_split, k_end)
+        if TRANSPOSE:  # BLOCKS blocks a step; each step's scales are loaded one step ahead, to hide their latency
+            k_stop = tl.minimum(K, hi * BLOCK_K)  # (a whole number of groups: so is K)
+            scale, bias = block_scales(s_base, b_base, lo, k_stop, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c,
+                                       MODE, GS, BLOCK_K, BLOCKS)
+        for kb in range(lo, hi, BLOCKS):
             if TRANSPOSE:
-                next_scale, next_bias = block_scales(s_base, b_base, kb + 1, K, offs_n, n_mask, ss_r, ss_c, sb_r,
-                                                     sb_c, MODE, GS, BLOCK_K)
-                partial = _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n, n_mask,
-                                    sw_r, sw_c, MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE, PRECISION,
-                                    BLOCK_K, PACKED, UNROLL_SLOTS, INTERPRET)
+                next_scale, next_bias = block_scales(s_base, b_base, kb + BLOCKS, k_stop, offs_n, n_mask, ss_r, ss_c,
+                                                     sb_r, sb_c, MODE, GS, BLOCK_K, BLOCKS)
+                partial = _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, k_stop, m_mask, offs_n,
+                                    n_mask, sw_r, sw_c, MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE,
+                                    PRECISION, BLOCK_K, BLOCKS, PACKED, UNROLL_SLOTS, INTERPRET)
                 scale = next_scale
                 bias = next_bias
             else:  # w is (K, N): rows run along K, codes along N
@@ -302,6 +311,10 @@ class _Plan:
         target = os.environ.get("LOWBIT_QMM_TARGET_PROGRAMS")  # a benchmark knob: it changes the canonical splits
         self.splits = splits = k_splits(n, k, bk, *([int(target)] if target else []))
         packed = transpose and packed_decoding(mode, bits, scales_dtype, biases_dtype, weight_dtype, dot, interpret)
+        # K blocks a step (packed decoders only; LOWBIT_QMM_BLOCKS, a power of two, is a tuning knob). Two where a
+        # block holds one group: measured on an H200, affine8 g64 and affine4 g128 decode 20-35% faster; where a block
+        # holds several groups two blocks a step are slower (more registers, fewer programs per SM).
+        blocks = int(os.environ.get("LOWBIT_QMM_BLOCKS", 2 if bk == group_size else 1)) if packed else 1
         prefill_m = _prefill_min_m(interpret)
         self.prefill = (not indexed and prefill_m is not None and m >= prefill_m and dot in (x_dtype, torch.float32)
                         and (dot != torch.float32 or interpret))
@@ -327,7 +340,8 @@ class _Plan:
             PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
             SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
             DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, UNROLL_SLOTS=unroll_slots,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, BLOCKS=blocks,
+            UNROLL_SLOTS=unroll_slots,
             INTERPRET=interpret,
         )
 

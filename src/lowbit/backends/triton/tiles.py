@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .decode import (
-    affine4_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_value, e8m0_value, pair_of, pack_group_tile, round_to,
-    slot_codes, slot_codes_runtime, unpack_tile,
+    affine4_pack_pair, affine4_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_value, e8m0_value, pair_of,
+    pack_group_tile, round_to, slot_codes, slot_codes_runtime, unpack_tile,
 )
 
 
@@ -31,13 +31,14 @@ def values_of(codes, scale, bias, MODE: tl.constexpr, SCALE_DTYPE: tl.constexpr,
 
 
 @triton.jit
-def block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c,
+def block_words(w_base, pack0, K, offs_n, n_mask, sw_r, sw_c,
                 GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr, PACKS: tl.constexpr):
-    """The word planes (N, PACKS) of K block kb: plane j holds word j of every pack (unused planes repeat plane 0).
+    """The word planes (N, PACKS) of packs pack0, pack0 + 1, ...: plane j holds word j of every pack (unused planes
+    repeat plane 0). Packs at or past K read as 0.
 
     K is a whole number of groups, so the mask is constant over each group's packs; saying so lets the compiler
     load a row's words in 16-byte vectors (without it, one 4-byte load per word)."""
-    pack = (kb * PACKS + tl.arange(0, PACKS)).to(tl.int64)
+    pack = (pack0 + tl.arange(0, PACKS)).to(tl.int64)
     mask = n_mask[:, None] & (pack * PER_PACK < K)[None, :]
     if GS // PER_PACK > 1:
         mask = tl.max_constancy(mask, [1, GS // PER_PACK])
@@ -57,20 +58,21 @@ def block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c,
 
 
 @triton.jit
-def block_groups(ptr, kb, K, offs_n, n_mask, s_r, s_c, GS: tl.constexpr, GROUPS: tl.constexpr):
-    """The (N, GROUPS) scales (or biases) of K block kb, in their stored dtype (0 past K)."""
-    group = kb * GROUPS + tl.arange(0, GROUPS)
+def block_groups(ptr, group0, K, offs_n, n_mask, s_r, s_c, GS: tl.constexpr, GROUPS: tl.constexpr):
+    """The (N, GROUPS) scales (or biases) of groups group0, group0 + 1, ..., in their stored dtype (0 past K)."""
+    group = group0 + tl.arange(0, GROUPS)
     mask = n_mask[:, None] & (group * GS < K)[None, :]
     return tl.load(ptr + offs_n[:, None] * s_r + group[None, :] * s_c, mask=mask, other=0)
 
 
 @triton.jit
 def block_scales(s_base, b_base, kb, K, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c,
-                 MODE: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The (N, GROUPS) scales and biases of K block kb; fp modes have no biases and get the scales in their place."""
-    scale = block_groups(s_base, kb, K, offs_n, n_mask, ss_r, ss_c, GS, BLOCK_K // GS)
+                 MODE: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKS: tl.constexpr):
+    """The (N, BLOCKS * GROUPS) scales and biases of K blocks kb .. kb + BLOCKS - 1; fp modes have no biases and
+    get the scales in their place."""
+    scale = block_groups(s_base, kb * (BLOCK_K // GS), K, offs_n, n_mask, ss_r, ss_c, GS, BLOCKS * BLOCK_K // GS)
     if MODE == 0:
-        bias = block_groups(b_base, kb, K, offs_n, n_mask, sb_r, sb_c, GS, BLOCK_K // GS)
+        bias = block_groups(b_base, kb * (BLOCK_K // GS), K, offs_n, n_mask, sb_r, sb_c, GS, BLOCKS * BLOCK_K // GS)
     else:
         bias = scale
     return scale, bias
@@ -81,9 +83,9 @@ def block_tiles(w_base, s_base, b_base, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r,
                 MODE: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """Everything K block kb of rows offs_n needs: its word planes (block_words), scales and biases (block_scales)."""
-    w0, w1, w2, w3, w4 = block_words(w_base, kb, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS,
-                                     BLOCK_K // PER_PACK)
-    scale, bias = block_scales(s_base, b_base, kb, K, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c, MODE, GS, BLOCK_K)
+    w0, w1, w2, w3, w4 = block_words(w_base, kb * (BLOCK_K // PER_PACK), K, offs_n, n_mask, sw_r, sw_c, GS,
+                                     PER_PACK, WORDS, BLOCK_K // PER_PACK)
+    scale, bias = block_scales(s_base, b_base, kb, K, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c, MODE, GS, BLOCK_K, 1)
     return w0, w1, w2, w3, w4, scale, bias
 
 
@@ -122,6 +124,13 @@ def _packed_pair(words, scale2, bias2, MODE: tl.constexpr, BITS: tl.constexpr, D
 
 
 @triton.jit
+def _pack_pair_plane(nib_a, nib_b, scale2, neg2, bias2, BYTE: tl.constexpr, DTYPE: tl.constexpr):
+    """One plane (N, PACKS) from the nibbles of its even packs (nib_a) and odd packs (nib_b)."""
+    a, b = affine4_pack_pair(nib_a, nib_b, scale2, neg2, bias2, BYTE, DTYPE)
+    return tl.reshape(tl.join(a, b), (nib_a.shape[0], 2 * nib_a.shape[1]))
+
+
+@triton.jit
 def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
                   PACKS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """All planes of a one-word pack through the packed decoders, in slot order: 8 for 4-bit codes, 4 for 8-bit
@@ -129,6 +138,25 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
 
     Formats served (see `packed_decoding`): affine 4/8-bit with scales, biases and dot in one 16-bit dtype;
     mxfp4 and nvfp4 with bf16 dots."""
+    if MODE == 0 and BITS == 4:  # pack-pair decoding (decode.py): even and odd packs side by side (one group)
+        n: tl.constexpr = w0.shape[0]
+        even, odd = tl.split(tl.reshape(w0, (n, PACKS // 2, 2)))
+        scale2 = per_pack(pair_of(scale), GROUPS, PACKS // 2)
+        bias2 = per_pack(pair_of(bias), GROUPS, PACKS // 2)
+        neg2 = per_pack(pair_of((scale.to(tl.float32) * -128.0).to(scale.dtype)), GROUPS, PACKS // 2)
+        lo_a = even & 0x0F0F0F0F
+        lo_b = odd & 0x0F0F0F0F
+        hi_a = (even >> 4) & 0x0F0F0F0F
+        hi_b = (odd >> 4) & 0x0F0F0F0F
+        p0 = _pack_pair_plane(lo_a, lo_b, scale2, neg2, bias2, 0, DOT_DTYPE)
+        p1 = _pack_pair_plane(hi_a, hi_b, scale2, neg2, bias2, 0, DOT_DTYPE)
+        p2 = _pack_pair_plane(lo_a, lo_b, scale2, neg2, bias2, 1, DOT_DTYPE)
+        p3 = _pack_pair_plane(hi_a, hi_b, scale2, neg2, bias2, 1, DOT_DTYPE)
+        p4 = _pack_pair_plane(lo_a, lo_b, scale2, neg2, bias2, 2, DOT_DTYPE)
+        p5 = _pack_pair_plane(hi_a, hi_b, scale2, neg2, bias2, 2, DOT_DTYPE)
+        p6 = _pack_pair_plane(lo_a, lo_b, scale2, neg2, bias2, 3, DOT_DTYPE)
+        p7 = _pack_pair_plane(hi_a, hi_b, scale2, neg2, bias2, 3, DOT_DTYPE)
+        return p0, p1, p2, p3, p4, p5, p6, p7
     if MODE == 0:
         scale2 = per_pack(pair_of(scale), GROUPS, PACKS)
         bias2 = per_pack(pair_of(bias), GROUPS, PACKS)
@@ -153,17 +181,19 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
 
 
 @triton.jit
-def slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS: tl.constexpr):
-    """packed_planes' planes (N, PACKS) side by side in slot order: (N, PER_PACK * PACKS), column s * PACKS + p
-    holding plane s's column p, the block's canonical K order. Joins, a permute and a reshape: register moves."""
+def slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS: tl.constexpr, BLOCKS: tl.constexpr):
+    """packed_planes' planes (N, BLOCKS * PACKS) side by side in each block's slot order: (N, BLOCKS * BLOCK_K),
+    block b's column s * PACKS + p holding its plane s's column p, the canonical K order. Joins, a permute and a
+    reshape: register moves, no data exchange between threads."""
     n: tl.constexpr = p0.shape[0]
-    packs: tl.constexpr = p0.shape[1]
+    packs: tl.constexpr = p0.shape[1] // BLOCKS
     if BITS == 4:  # join order: dims (pack, slot bit 2, slot bit 0, slot bit 1)
         planes = tl.join(tl.join(tl.join(p0, p4), tl.join(p1, p5)), tl.join(tl.join(p2, p6), tl.join(p3, p7)))
-        return tl.reshape(tl.permute(planes, (0, 2, 4, 3, 1)), (n, 8 * packs))
+        planes = tl.reshape(planes, (n, BLOCKS, packs, 2, 2, 2))
+        return tl.reshape(tl.permute(planes, (0, 1, 3, 5, 4, 2)), (n, BLOCKS * 8 * packs))
     else:  # dims (pack, slot bit 1, slot bit 0)
-        planes = tl.join(tl.join(p0, p2), tl.join(p1, p3))
-        return tl.reshape(tl.permute(planes, (0, 2, 3, 1)), (n, 4 * packs))
+        planes = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (n, BLOCKS, packs, 2, 2))
+        return tl.reshape(tl.permute(planes, (0, 1, 3, 4, 2)), (n, BLOCKS * 4 * packs))
 
 
 def packed_decoding(mode: str, bits: int, scale_dtype, bias_dtype, weight_dtype, dot_dtype, interpret: bool) -> bool:
