@@ -14,7 +14,7 @@ import torch
 
 import lowbit
 from lowbit.backends.triton.qmm import tuned
-from lowbit.bench_cuda import _nbytes, bf16_tflops, copy_bandwidth, graph_time_us
+from lowbit.bench_cuda import _label, _nbytes, bf16_tflops, copy_bandwidth, graph_time_us
 
 MODELS = (  # name, experts, top-k, N, K, formats
     ("qwen3-30b-a3b gate/up", 128, 8, 768, 2048, (("affine", 64, 4), ("mxfp4", 32, 4))),
@@ -90,7 +90,7 @@ def main():
                 touched = int(torch.unique(flat).numel())
                 moved = touched * per_expert + _nbytes(x) + tokens * top_k * n * 2
                 gbs = moved / (us * 1e-6) / 1e9
-                row = (f"| {name} | {mode}{bits} g{gs} | {tokens} | {touched} | {us:.1f} | {grouped_us:.1f} | "
+                row = (f"| {name} | {_label(mode, gs, bits)} | {tokens} | {touched} | {us:.1f} | {grouped_us:.1f} | "
                        f"{gbs:.0f} | {100 * gbs * 1e9 / bw:.0f}% | {base:.1f} | {base / us:.2f}x | {err:.1e} |")
                 lines.append(row)
                 print(row, flush=True)
