@@ -51,7 +51,6 @@ def _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n
     GROUPS: tl.constexpr = BLOCK_K // GS
     w0, w1, w2, w3, w4 = block_words(w_base, kb * PACKS, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS,
                                      BLOCKS * PACKS)
-    x_block = x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
     if PACKED:  # the blocks' planes side by side, slot-major: one (N, BLOCKS * BLOCK_K) operand, one dot
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, BLOCKS * GROUPS, BLOCKS * PACKS,
                                                        DOT_DTYPE)
@@ -61,7 +60,8 @@ def _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n
         x_mask = tl.max_constancy((k < tl.cdiv(K, BLOCK_K) * BLOCK_K)[:, None] & m_mask[None, :], [BLOCK_K, 1])
         x_t = tl.load(x_ptr + x_rows[None, :] + k[:, None], mask=x_mask, other=0.0)
         partial = tl.dot(tile, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
-    else:
+    else:  # plane by plane in slot order, each against its contiguous slice of x
+        x_block = x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
         scale = per_pack(scale, GROUPS, PACKS)
         bias = per_pack(bias, GROUPS, PACKS)
         if UNROLL_SLOTS:
@@ -341,8 +341,7 @@ class _Plan:
             SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
             DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, BLOCKS=blocks,
-            UNROLL_SLOTS=unroll_slots,
-            INTERPRET=interpret,
+            UNROLL_SLOTS=unroll_slots, INTERPRET=interpret,
         )
 
 
