@@ -172,35 +172,17 @@ def pair_of(lane16):
 
 
 @triton.jit
-def affine_pair(codes, scale2, bias2, DTYPE: tl.constexpr):
-    """Codes in both 16-bit lanes of `codes` (below 128 for bf16, 1024 for f16) -> round(round(code * scale) + bias)
-    in DTYPE (bf16 or f16)."""
-    if DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            """{ .reg .b32 t, c;
-            mov.b32 c, 0x43004300;
-            or.b32 t, $2, c;
-            sub.rn.bf16x2 t, t, c;
-            mul.rn.bf16x2 t, t, $3;
-            add.rn.bf16x2 t, t, $4;
-            mov.b32 {$0, $1}, t; }""",
-            "=h,=h,r,r,r", [codes, scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(
-            """{ .reg .b32 t, c;
-            mov.b32 c, 0x64006400;
-            or.b32 t, $2, c;
-            sub.rn.f16x2 t, t, c;
-            mul.rn.f16x2 t, t, $3;
-            add.rn.f16x2 t, t, $4;
-            mov.b32 {$0, $1}, t; }""",
-            "=h,=h,r,r,r", [codes, scale2, bias2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-
-
-@triton.jit
-def affine4_pair(words, scale2, bias2, DTYPE: tl.constexpr):
-    """Codes in bits 0-3 and 16-19 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16)."""
-    return affine_pair(words & 0x000F000F, scale2, bias2, DTYPE)
+def affine_pair_f16(codes, scale2, bias2):
+    """Codes below 1024 in both 16-bit lanes of `codes` -> round(round(code * scale) + bias) in f16."""
+    return tl.inline_asm_elementwise(
+        """{ .reg .b32 t, c;
+        mov.b32 c, 0x64006400;
+        or.b32 t, $2, c;
+        sub.rn.f16x2 t, t, c;
+        mul.rn.f16x2 t, t, $3;
+        add.rn.f16x2 t, t, $4;
+        mov.b32 {$0, $1}, t; }""",
+        "=h,=h,r,r,r", [codes, scale2, bias2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
 
 
 # Pack-pair decoding (4-bit affine): the MMA's register pairs hold the same code slot of two neighbouring packs, so
@@ -219,33 +201,31 @@ def _prmt_byte(BYTE: tl.constexpr):
 
 
 @triton.jit
+def gather_bytes(a, b, BYTE: tl.constexpr):
+    """Byte BYTE of a and of b (each below 0x80) in the low bytes of the two 16-bit lanes, high bytes zero."""
+    selector = tl.full(a.shape, _prmt_byte(BYTE), tl.uint32)
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, selector], dtype=tl.uint32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def affine4_pack_pair(nibbles_a, nibbles_b, scale2, neg128_scale2, bias2, BYTE: tl.constexpr,
                       DTYPE: tl.constexpr):
     """Code slot (2 * BYTE or 2 * BYTE + 1, by which nibbles are given) of packs a and b -> the two lanes (a, b) of
-    round(round(code * scale) + bias) in DTYPE (bf16 or f16). neg128_scale2: -128 * scale in both lanes (bf16)."""
-    selector = tl.full(nibbles_a.shape, _prmt_byte(BYTE), tl.uint32)
+    round(round(code * scale) + bias) in DTYPE (bf16 or f16). neg128_scale2: -128 * scale in both lanes (bf16
+    only)."""
+    codes = gather_bytes(nibbles_a, nibbles_b, BYTE)
     if DTYPE == tl.bfloat16:
         return tl.inline_asm_elementwise(
             """{ .reg .b32 t;
-            prmt.b32 t, $2, $3, $4;
-            or.b32 t, t, 0x43004300;
-            fma.rn.bf16x2 t, t, $5, $6;
-            add.rn.bf16x2 t, t, $7;
+            or.b32 t, $2, 0x43004300;
+            fma.rn.bf16x2 t, t, $3, $4;
+            add.rn.bf16x2 t, t, $5;
             mov.b32 {$0, $1}, t; }""",
-            "=h,=h,r,r,r,r,r,r", [nibbles_a, nibbles_b, selector, scale2, neg128_scale2, bias2],
-            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+            "=h,=h,r,r,r,r", [codes, scale2, neg128_scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=1)
     else:
-        return tl.inline_asm_elementwise(
-            """{ .reg .b32 t, c;
-            prmt.b32 t, $2, $3, $4;
-            mov.b32 c, 0x64006400;
-            or.b32 t, t, c;
-            sub.rn.f16x2 t, t, c;
-            mul.rn.f16x2 t, t, $5;
-            add.rn.f16x2 t, t, $7;
-            mov.b32 {$0, $1}, t; }""",
-            "=h,=h,r,r,r,r,r,r", [nibbles_a, nibbles_b, selector, scale2, neg128_scale2, bias2],
-            dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        return affine_pair_f16(codes, scale2, bias2)
 
 
 @triton.jit
@@ -269,7 +249,7 @@ def affine8_pair(words, scale2, bias2, DTYPE: tl.constexpr):
             mov.b32 {$0, $1}, lo; }""",
             "=h,=h,r,r,r", [words, scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
     else:
-        return affine_pair(words & 0x00FF00FF, scale2, bias2, DTYPE)
+        return affine_pair_f16(words & 0x00FF00FF, scale2, bias2)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .decode import (
-    affine4_pack_pair, affine4_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_value, e8m0_value, pair_of,
+    affine4_pack_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_value, e8m0_value, pair_of,
     pack_group_tile, round_to, slot_codes, slot_codes_runtime, unpack_tile,
 )
 
@@ -114,11 +114,8 @@ def slot_plane_runtime(w0, w1, w2, w3, w4, scale, bias, slot, MODE: tl.constexpr
 
 @triton.jit
 def _packed_pair(words, scale2, bias2, MODE: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    if MODE == 0:
-        if BITS == 4:
-            return affine4_pair(words, scale2, bias2, DOT_DTYPE)
-        else:
-            return affine8_pair(words, scale2, bias2, DOT_DTYPE)
+    if MODE == 0:  # (4-bit affine decodes by pack pairs, see packed_planes)
+        return affine8_pair(words, scale2, bias2, DOT_DTYPE)
     else:
         return e2m1_pair(words, scale2)
 
@@ -143,7 +140,10 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
         even, odd = tl.split(tl.reshape(w0, (n, PACKS // 2, 2)))
         scale2 = per_pack(pair_of(scale), GROUPS, PACKS // 2)
         bias2 = per_pack(pair_of(bias), GROUPS, PACKS // 2)
-        neg2 = per_pack(pair_of((scale.to(tl.float32) * -128.0).to(scale.dtype)), GROUPS, PACKS // 2)
+        if DOT_DTYPE == tl.bfloat16:
+            neg2 = per_pack(pair_of((scale.to(tl.float32) * -128.0).to(scale.dtype)), GROUPS, PACKS // 2)
+        else:  # (f16 subtracts the magic number instead)
+            neg2 = scale2
         lo_a = even & 0x0F0F0F0F
         lo_b = odd & 0x0F0F0F0F
         hi_a = (even >> 4) & 0x0F0F0F0F
