@@ -188,6 +188,32 @@ def test_blocks_per_step_do_not_change_bits(monkeypatch, mode, gs, bits, dtype, 
     assert same_bits(outputs[1], outputs[0]) and same_bits(outputs[2], outputs[0])
 
 
+@pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("affine", 64, 8), ("nvfp4", 16, 4)])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_splits_in_the_grid_or_in_one_program_give_the_same_bits(monkeypatch, mode, gs, bits, transpose, gen):
+    """A product's canonical split partials are either separate programs (folded by the tile's last one) or one
+    program's single K loop, which adds each split's partial to the total at the split's end; the bits are the
+    same. Gathered (grouped by expert) and plain products; 13 K blocks make splits of 4, 4, 4 and 1."""
+    k = 13 * block_k(bits, gs, transpose)
+    n = 64
+    w = quantize3(randn(3, *((n, k) if transpose else (k, n)), gen=gen, scale=k**-0.5, dtype=torch.bfloat16),
+                  gs, bits, mode)
+    x = randn(70, 1, 1, k, gen=gen, dtype=torch.bfloat16)
+    idx = torch.randint(0, 3, (70, 2), generator=gen).to(DEVICE)
+    outputs = []
+    for in_grid in ("1", "0"):
+        tune(monkeypatch, "LOWBIT_QMM_SPLIT_IN_GRID", in_grid)
+        gathered = lowbit.gather_qmm(x, *w, rhs_indices=idx, transpose=transpose, group_size=gs, bits=bits,
+                                     mode=mode)
+        plain = lowbit.quantized_matmul(x[:, 0, 0], *(t if t is None else t[0] for t in w), transpose, gs, bits, mode)
+        outputs.append((gathered, plain))
+    w_hat = dequantize_f64(w, gs, bits, mode).to(DEVICE)
+    w_hat = w_hat if transpose else w_hat.transpose(-2, -1)
+    ref = torch.einsum("tk,tenk->ten", x[:, 0, 0].double(), w_hat[idx])
+    assert rel_err(outputs[0][0][:, :, 0], ref) < 1e-2
+    assert same_bits(outputs[1][0], outputs[0][0]) and same_bits(outputs[1][1], outputs[0][1])
+
+
 @pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("affine", 64, 8)])
 def test_untransposed_rows_bit_identical_across_batch_sizes(mode, gs, bits, gen):
     """transpose=False (x @ w): rows of qmm(x[-L:]) equal rows of qmm(x)[-L:] across the dispatch boundaries."""
@@ -241,6 +267,52 @@ def test_moe_routing_grouped_by_expert(monkeypatch, mode, gs, bits, gen):
     sorted_out = lowbit.gather_qmm(x.reshape(tokens, 1, k), *w, lhs_indices=(order // top_k), rhs_indices=flat[order],
                                    transpose=True, group_size=gs, bits=bits, mode=mode, sorted_indices=True)
     assert torch.equal(sorted_out[:, 0], out.reshape(-1, n)[order])
+
+
+@pytest.mark.parametrize("bits, gs", [(4, 64), (3, 32), (8, 128), (2, 16)])
+def test_slot_major_copy_matches_reference(bits, gs, gen):
+    """The kernels' x layout (reduction.slot_major): blocks reordered slot-major and zero-padded, from a
+    non-contiguous, broadcast x in one pass; the reference is the permutation written with torch views."""
+    from lowbit.backends.triton.decode import pack_geometry
+    from lowbit.backends.triton.reduction import slot_major
+    per_pack = pack_geometry(bits)[0]
+    block = block_k(bits, gs, True)
+    k = 2 * block + gs  # a padded last block
+    x = randn(3, k, 5, gen=gen).transpose(1, 2)[:, 1:2].expand(3, 3, k)  # K stride 5, M stride 0
+    padded = torch.nn.functional.pad(x, (0, 3 * block - k))
+    reference = padded.reshape(3, 3, 3, block // per_pack, per_pack).transpose(-1, -2).reshape(3, 3, 3 * block)
+    assert torch.equal(slot_major(x, bits, block), reference)
+
+
+def _reference_schedule(rhs, m, n_weights, block_m, bound):
+    """The grouped kernel's work list from torch ops (the schedule kernel's first version)."""
+    order = torch.argsort(rhs, stable=True)
+    rows = (order[:, None] * m + torch.arange(m, device=rhs.device)).reshape(-1)
+    counts = torch.bincount(rhs, minlength=n_weights) * m
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    tile = torch.arange(bound, device=rhs.device)
+    weight = torch.searchsorted(tile_end, tile, right=True)
+    valid = weight < n_weights
+    owner = weight.clamp(max=n_weights - 1)
+    local = tile - (tile_end - tiles)[owner]
+    start = (torch.cumsum(counts, 0) - counts)[owner] + local * block_m
+    count = torch.where(valid, (counts[owner] - local * block_m).clamp(0, block_m), 0)
+    return rows, weight, start.clamp(max=max(rhs.numel() * m - 1, 0)), count
+
+
+@pytest.mark.parametrize("n_items, m, n_weights, block_m", [(1, 1, 1, 16), (37, 1, 5, 16), (300, 3, 128, 64),
+                                                           (2500, 1, 3, 128), (64, 2, 700, 16)])
+def test_schedule_kernel_matches_reference(n_items, m, n_weights, block_m, gen):
+    """The grouped kernel's work list (schedule.py): rows sorted by weight, tiles of one weight each; unused weights,
+    weights past every index and more weights than items included."""
+    from lowbit.backends.triton.schedule import schedule, schedule_bound
+    used = max(1, n_weights // 2)
+    rhs = torch.randint(0, used, (n_items,), generator=gen).to(DEVICE)
+    bound = schedule_bound(n_items * m, n_weights, block_m)
+    got = schedule(rhs, m, n_weights, block_m, bound)
+    for g, r in zip(got, _reference_schedule(rhs, m, n_weights, block_m, bound)):
+        assert torch.equal(g.long().cpu(), r.long().cpu())
 
 
 @pytest.mark.skipif(not GPU, reason="the interpreter has no compiled binaries")

@@ -15,7 +15,9 @@ from lowbit.formats import codecs
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from lowbit.backends.triton.encode import e4m3_encode, e8m0_exponent_ceil, round_half_even  # noqa: E402
+from lowbit.backends.triton.encode import (  # noqa: E402
+    divide, e4m3_encode, e8m0_exponent_ceil, fast_division_safe, round_half_even,
+)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -163,3 +165,47 @@ def test_e4m3_encode_matches_the_codec(gen):
                    torch.tensor([448.0, 449.0, 464.0, 465.0, 1e30, -1e30, 0.0, -0.0, float("inf"), -float("inf"),
                                  float("nan")])])
     assert torch.equal(encode_on_device(x, 2).to(torch.uint8), codecs.e4m3_encode(x))
+
+
+@triton.jit
+def _divide_kernel(a_ptr, s_ptr, out_ptr, safe_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=1.0)
+    s = tl.load(s_ptr + offs, mask=mask, other=1.0)
+    inv_s = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    tl.store(out_ptr + offs, divide(a, s, inv_s, True), mask=mask)
+    tl.store(safe_ptr + offs, fast_division_safe(tl.abs(a), s, inv_s).to(tl.int8), mask=mask)
+
+
+@pytest.mark.skipif(not GPU, reason="the fast division needs the GPU's fused multiply-add (the interpreter divides)")
+def test_fast_division_equals_div_rn(gen):
+    """The affine quantize kernel's division from the divisor's reciprocal (encode.divide) has div_rn's bits wherever
+    fast_division_safe holds: quotients at, and one or two float32 steps beside, every code boundary k + 1/2 of
+    8-bit codes (and e2m1's), for divisors of 2**-59 to 2**90 and every mantissa, and random operands (of which
+    those with |a| < 2**-100 only need a quotient that rounds to code 0)."""
+    n = 200000
+    s = torch.ldexp(1 + torch.rand(n, generator=gen, dtype=torch.float64),
+                    torch.randint(-59, 90, (n,), generator=gen)).float()
+    s = torch.where(torch.rand(n, generator=gen) < 0.5, s, -s)
+    s[:1000] = torch.ldexp(torch.tensor(2.0 - 2**-23), torch.arange(1000) % 60 - 30).float()  # all-ones mantissas
+    boundary = torch.cat([torch.arange(256) + 0.5, torch.tensor(E2M1_TIES)]).double()
+    h = boundary[torch.randint(0, len(boundary), (n,), generator=gen)].float()
+    step = torch.randint(-2, 3, (n,), generator=gen)
+    quotient = h.clone()
+    for _ in range(2):  # walk |step| float32 steps from the boundary
+        quotient = torch.where(step > 0, torch.nextafter(quotient, torch.full_like(quotient, 1e9)), quotient)
+        quotient = torch.where(step < 0, torch.nextafter(quotient, torch.full_like(quotient, -1e9)), quotient)
+        step = step - step.sign()
+    a = (quotient.double() * s.double()).float()  # a / s lands at or next to the boundary
+    random_a = all_finite_float32_samples(gen, 2 * n)[:n]
+    random_s = all_finite_float32_samples(gen, 2 * n)[:n]
+    a, s = torch.cat([a, random_a[: len(random_s)]]), torch.cat([s, random_s[: len(random_a)]])
+    a, s = a.to(DEVICE), s.to(DEVICE)
+    out, safe = torch.empty_like(a), torch.empty(a.shape, dtype=torch.int8, device=DEVICE)
+    _divide_kernel[(triton.cdiv(a.numel(), 4096),)](a, s, out, safe, a.numel(), BLOCK=4096)
+    safe = safe.bool()
+    assert safe[:n].all()  # (the crafted cases are all in range)
+    exact = safe & (a.abs() >= 2.0**-100)
+    assert same_bits(out[exact], (a / s)[exact])  # torch's float32 division on the GPU is IEEE
+    assert (out[safe & ~exact].abs() < 2.0**-40).all()  # tiny quotients: code 0 either way

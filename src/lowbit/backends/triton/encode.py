@@ -66,9 +66,49 @@ def affine_params(lo, hi, BITS: tl.constexpr):
 
 
 @triton.jit
-def affine_codes(g, scale, bias, BITS: tl.constexpr):
-    """Values g (..., GS) float32 and their group's scale, bias (..., 1) -> int32 codes clamp(round((g - b) / s))."""
-    v = round_small_half_even(tl.math.div_rn(g - bias, scale))
+def divide(a, s, inv_s, FAST: tl.constexpr):
+    """a / s rounded to nearest even (tl.math.div_rn's bits), given inv_s = div_rn(1, s) of the divisor.
+
+    FAST (the GPU): two remainder corrections of a * inv_s by fma, five instructions instead of div_rn's sequence and
+    its range check: the first correction leaves the quotient within an ulp, and from a quotient within an ulp and a
+    correctly rounded reciprocal the second gives the correctly rounded quotient (Markstein's theorem), provided no
+    intermediate overflows or underflows (`fast_division_safe`). The interpreter's fma rounds twice: it divides."""
+    if FAST:
+        q = a * inv_s
+        q = tl.fma(tl.fma(-q, s, a), inv_s, q)
+        return tl.fma(tl.fma(-q, s, a), inv_s, q)
+    else:
+        return tl.math.div_rn(a, s)
+
+
+@triton.jit
+def fast_division_safe(a_max, s, inv_s):
+    """True where `divide` with FAST gives div_rn's bits for every a with 2**-100 <= |a| <= a_max: no intermediate
+    overflows or underflows (2**-60 <= |s| < 2**100, |a / s| < 2**100). Smaller |a| give quotients below 2**-40
+    within a few ulps, which round to code 0 either way."""
+    return (a_max * tl.abs(inv_s) < 1.2676506002282294e30) & (tl.abs(s) < 1.2676506002282294e30) & (
+        tl.abs(s) >= 8.673617379884035e-19)
+
+
+@triton.jit
+def divide_tile(a, s, inv_s, safe, INTERPRET: tl.constexpr):
+    """div_rn(a, s) over a tile of groups: a (R, G, GS), the groups' divisors s and inv_s = div_rn(1, s) (R, G).
+    The fast division if every group of the tile is `safe` (fast_division_safe, or its result unused), else div_rn:
+    one branch per tile; only extreme scales take the slow one."""
+    if INTERPRET:
+        q = divide(a, s[:, :, None], inv_s[:, :, None], False)
+    else:
+        if tl.min(safe.to(tl.int32)) == 1:
+            q = divide(a, s[:, :, None], inv_s[:, :, None], True)
+        else:
+            q = divide(a, s[:, :, None], inv_s[:, :, None], False)
+    return q
+
+
+@triton.jit
+def affine_codes(quotient, BITS: tl.constexpr):
+    """(g - b) / s, float32 -> int32 codes clamp(round((g - b) / s))."""
+    v = round_small_half_even(quotient)
     return tl.minimum(tl.maximum(v, 0.0), (1 << BITS) - 1).to(tl.int32)
 
 

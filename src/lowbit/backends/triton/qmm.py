@@ -23,6 +23,7 @@ from .decode import pack_geometry
 from .launch import MODE_IDS, TL_DTYPES, launcher
 from .prefill import prefill_qmm
 from .reduction import block_k, k_splits, slot_major
+from .schedule import schedule, schedule_bound
 from .tiles import (
     block_scales, block_words, nn_weight_tile, packed_decoding, packed_planes, per_pack, slot_major_tile, slot_plane,
     slot_plane_runtime,
@@ -114,14 +115,7 @@ def qmm_kernel(
         row_tiles = tl.cdiv(n_rows, BLOCK_M)
     tiles = row_tiles * tl.cdiv(N, BLOCK_N)
     tile = pid % tiles
-    if SPLIT_IN_GRID:
-        split = pid // tiles
-        first = split
-        last = split + 1
-    else:
-        split = 0
-        first = 0
-        last = SPLITS
+    split = pid // tiles  # (0 unless SPLIT_IN_GRID)
     row_tile = tile % row_tiles  # consecutive programs share a weight tile (L2 reuse)
     pid_n = tile // row_tiles
     local = tl.arange(0, BLOCK_M)
@@ -155,10 +149,13 @@ def qmm_kernel(
     per_split = tl.cdiv(k_blocks, SPLITS)
     k_end = tl.where(tl.max(m_mask.to(tl.int32), 0) > 0, k_blocks, 0)  # a tile with no rows does no work
     total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for s in range(first, last):
-        partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # SPLIT_IN_GRID: this program's split; else every split, in one pipelined loop (a loop per split would fill and
+    # drain the pipeline each time). (A one-trip outer loop: with the bounds computed inside it, ptxas keeps the MMAs
+    # asynchronous; computed outside, it serializes them.)
+    for s in range(split, split + 1):
         lo = s * per_split
-        hi = tl.minimum((s + 1) * per_split, k_end)
+        hi = tl.minimum((s + 1) * per_split, k_end) if SPLIT_IN_GRID else k_end
+        partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if TRANSPOSE:  # BLOCKS blocks a step; each step's scales are loaded one step ahead, to hide their latency
             k_stop = tl.minimum(K, hi * BLOCK_K)  # (a whole number of groups: so is K)
             scale, bias = block_scales(s_base, b_base, lo, k_stop, offs_n, n_mask, ss_r, ss_c, sb_r, sb_c,
@@ -181,7 +178,11 @@ def qmm_kernel(
                                           sw_r, sw_c, ss_r, ss_c, sb_r, sb_c, BLOCK_K, BLOCK_N, MODE, BITS, GS,
                                           PER_PACK, WORDS, WORDS_POW2, SCALE_DTYPE, DOT_DTYPE, INTERPRET))
                 partial = tl.dot(w, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
-        total = total + partial
+            if not SPLIT_IN_GRID and SPLITS > 1:  # a split ends: its partial joins the total (BLOCKS is then 1)
+                if (kb + 1) % per_split == 0:
+                    total = total + partial
+                    partial = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        total = total + partial  # (after a split's end the partial is +0, and the total never -0: no change)
 
     mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_IN_GRID and SPLITS > 1:
@@ -222,36 +223,6 @@ def _tile_config(rows_per_weight: int, interpret: bool):
     return 128, 128, 8, 3, False  # (large M that the prefill path does not take: gathers, float32)
 
 
-def _schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int, bound: int):
-    """The gathered kernel's work list, built on the device without a host sync: output rows (item * M + m) sorted
-    by the weight they use (stable), and for each of `bound` row tiles its weight (n_weights: unused), first sorted
-    row and row count (see _schedule_bound)."""
-    device = rhs.device
-    n_items = rhs.shape[0]
-    order = torch.argsort(rhs, stable=True)
-    rows = (order[:, None] * m + torch.arange(m, device=device)).reshape(-1).to(torch.int32)
-    counts = torch.zeros(n_weights, dtype=torch.int64, device=device).index_add_(
-        0, rhs, torch.full_like(rhs, m, dtype=torch.int64))
-    row_start = torch.cumsum(counts, 0) - counts
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    tile = torch.arange(bound, device=device)
-    weight = torch.searchsorted(tile_end, tile, right=True)
-    valid = weight < n_weights
-    w_clamped = weight.clamp(max=n_weights - 1)
-    local = tile - (tile_end - tiles)[w_clamped]
-    start = row_start[w_clamped] + local * block_m
-    count = torch.where(valid, (counts[w_clamped] - local * block_m).clamp(0, block_m), 0)
-    return rows, weight.to(torch.int32), start.clamp(max=max(n_items * m - 1, 0)).to(torch.int32), \
-        count.to(torch.int32)
-
-
-def _schedule_bound(n_rows: int, n_weights: int, block_m: int) -> int:
-    """Row tiles enough for any routing of n_rows rows over n_weights weights: ceil(rows / BLOCK_M) full tiles plus
-    at most one partial tile per weight used."""
-    return -(-n_rows // block_m) + min(n_weights, n_rows)
-
-
 def weight_and_dot_dtypes(mode: str, x_dtype, scales_dtype, biases_dtype) -> tuple[torch.dtype, torch.dtype]:
     """(dtype the weight values are computed in, tensor-core operand dtype).
 
@@ -287,7 +258,7 @@ GROUP_MIN_ROWS = 64  # gathered products with fewer output rows (and M <= 16) ru
 
 def _routing(indexed: bool, m: int, n_rows: int) -> int:
     """How the kernel's row tiles find their rows and weights (see qmm_kernel). Grouping by weight reads each
-    expert once but costs a dozen small kernels to schedule; below GROUP_MIN_ROWS routed rows (decoding) the
+    expert once but costs a sort and the schedule kernel (schedule.py); below GROUP_MIN_ROWS routed rows (decoding) the
     per-item tiles are cheaper. LOWBIT_GATHER_GROUP_ROWS overrides the threshold (a benchmark knob)."""
     if not indexed:
         return PLAIN
@@ -311,10 +282,6 @@ class _Plan:
         target = os.environ.get("LOWBIT_QMM_TARGET_PROGRAMS")  # a benchmark knob: it changes the canonical splits
         self.splits = splits = k_splits(n, k, bk, *([int(target)] if target else []))
         packed = transpose and packed_decoding(mode, bits, scales_dtype, biases_dtype, weight_dtype, dot, interpret)
-        # K blocks a step (packed decoders only; LOWBIT_QMM_BLOCKS, a power of two, is a tuning knob). Two where a
-        # block holds one group: measured on an H200, affine8 g64 and affine4 g128 decode 20-35% faster; where a block
-        # holds several groups two blocks a step are slower (more registers, fewer programs per SM).
-        blocks = int(os.environ.get("LOWBIT_QMM_BLOCKS", 2 if bk == group_size else 1)) if packed else 1
         prefill_m = _prefill_min_m(interpret)
         self.prefill = (not indexed and prefill_m is not None and m >= prefill_m and dot in (x_dtype, torch.float32)
                         and (dot != torch.float32 or interpret))
@@ -324,9 +291,18 @@ class _Plan:
         block_m, block_n, warps, stages, split_in_grid = _tile_config(
             -(-n_rows // min(n_weights, n_items)) if routing == GROUPED else m, interpret)
         self.block_m = block_m
+        # the splits run in the grid (partials folded by each tile's last program) or in one program's loop; a knob
+        # for tests and benchmarks, which must see the same bits either way
+        split_in_grid = bool(int(os.environ.get("LOWBIT_QMM_SPLIT_IN_GRID", int(split_in_grid))))
         self.split_in_grid = split_in_grid = split_in_grid and splits > 1
+        # K blocks a step (packed decoders only; LOWBIT_QMM_BLOCKS, a power of two, is a tuning knob). Two where a
+        # block holds one group: measured on an H200, affine8 g64 and affine4 g128 decode 20-35% faster; where a block
+        # holds several groups two blocks a step are slower (more registers, fewer programs per SM). One where a
+        # program runs several splits in one loop (a step must not straddle a split's end).
+        blocks = int(os.environ.get("LOWBIT_QMM_BLOCKS", 2 if bk == group_size else 1)) if packed else 1
+        blocks = 1 if splits > 1 and not split_in_grid else blocks
         if routing == GROUPED:
-            self.row_tiles = _schedule_bound(n_rows, n_weights, block_m)
+            self.row_tiles = schedule_bound(n_rows, n_weights, block_m)
         elif routing == PER_ITEM:
             self.row_tiles = n_items
         else:
@@ -418,7 +394,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     if k == 0:
         return out.zero_()
     if transpose:
-        x = slot_major(x, bits, plan.bk).contiguous()
+        x = slot_major(x, bits, plan.bk)
     if plan.prefill:
         prefill_qmm(out[0], x[0].contiguous(), w_q, scales, biases, global_scale, transpose, *plan.prefill_args)
         return out.to(out_dtype)
@@ -432,7 +408,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     else:
         lhs = rhs = scales
     if plan.routing == GROUPED:
-        rows, tile_w, tile_start, tile_rows = _schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles)
+        rows, tile_w, tile_start, tile_rows = schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles)
     arrivals = _arrival_counters(x.device, plan.tiles) if plan.split_in_grid else scales
     plan.qmm(plan.grid, x, w_q.view(torch.int32), scales, b, g, lhs, rhs, rows, tile_w, tile_start, tile_rows, out,
              partials, arrivals, m, n, k, n_rows, n_weights, g.stride(0) if global_scale is not None else 0,

@@ -17,8 +17,8 @@ from ...formats.nvfp4 import tensor_encode_scale
 from .. import interpreting
 from .decode import e4m3_value, round_to
 from .encode import (
-    affine_codes, affine_params, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, group_min_keeping_first_zero,
-    power_of_two,
+    affine_codes, affine_params, divide_tile, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, fast_division_safe,
+    group_min_keeping_first_zero, power_of_two,
 )
 from .launch import MODE_IDS, TL_DTYPES
 from .tiles import values_of
@@ -99,7 +99,10 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
     if MODE == 0:  # affine
         lo = group_min_keeping_first_zero(g, GS) if BITS == 1 else tl.min(g, axis=2)
         scale, bias = affine_params(lo, tl.max(g, axis=2), BITS)
-        codes = affine_codes(g, scale[:, :, None], bias[:, :, None], BITS)
+        inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        reach = tl.maximum(tl.abs(tl.max(g, axis=2) - bias), tl.abs(tl.min(g, axis=2) - bias))  # bounds |g - bias|
+        safe = fast_division_safe(reach, scale, inv_scale) | ~finite  # (non-finite groups: codes 0 below)
+        codes = affine_codes(divide_tile(g - bias[:, :, None], scale, inv_scale, safe, INTERPRET), BITS)
         codes = tl.where(finite[:, :, None], codes, 0)
         tl.store(scale_ptrs, _stored_bits(scale, finite, W_DTYPE), mask=g_mask)
         tl.store(b_ptr + rows[:, None] * n_groups + group[None, :], _stored_bits(bias, finite, W_DTYPE),
@@ -112,7 +115,9 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
         else:
             scale_byte = e4m3_encode(s)
         block_scale = e4m3_value(scale_byte)
-        q = round_to(tl.math.div_rn(g, block_scale[:, :, None]), W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
+        # (the fast division of the affine path measured slower here: the division is not what limits this path)
+        q = tl.math.div_rn(g, block_scale[:, :, None])
+        q = round_to(q, W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
         if HAS_ENCODE:
             q = q * encode
         q = tl.where((block_scale == 0.0)[:, :, None] | ~finite[:, :, None], 0.0, q)

@@ -11,7 +11,8 @@ change a dot's bits on Hopper -- measured; the K structure does.)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from .decode import pack_geometry
 
@@ -37,13 +38,35 @@ def k_splits(n: int, k: int, block: int, target_programs: int = TARGET_PROGRAMS)
     return splits
 
 
+@triton.jit
+def slot_major_kernel(x_ptr, out_ptr, n_rows, M, K, k_pad, sx_b, sx_m, sx_k,
+                      PER_PACK: tl.constexpr, PACKS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows [pid_r * BLOCK_R, ...) of x (B, M, K) (any strides; row r is x[r // M, r % M]) x K block pid_k, written
+    slot-major into out (rows, k_pad)."""
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    k0 = tl.program_id(1) * (PACKS * PER_PACK)
+    pack = tl.arange(0, PACKS)
+    slot = tl.arange(0, PER_PACK)
+    k = k0 + pack[None, :, None] * PER_PACK + slot[None, None, :]  # (1, PACKS, PER_PACK): natural order
+    source = x_ptr + ((row // M) * sx_b + (row % M) * sx_m)[:, None, None] + k * sx_k
+    values = tl.load(source, mask=(row < n_rows)[:, None, None] & (k < K), other=0.0)
+    values = tl.reshape(tl.permute(values, (0, 2, 1)), (BLOCK_R, PER_PACK * PACKS))  # slot-major
+    j = k0 + tl.arange(0, PER_PACK * PACKS)
+    tl.store(out_ptr + row[:, None] * k_pad + j[None, :], values, mask=(row < n_rows)[:, None])
+
+
 def slot_major(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """x (..., K) -> (..., K padded to whole blocks), each block reordered slot-major: element p * PER_PACK + s of a
-    block moves to s * PACKS + p, the order in which transposed kernels consume K. Padding is zeros."""
+    """x (B, M, K) -> (B, M, K padded to whole blocks), contiguous, each block reordered slot-major: element
+    p * PER_PACK + s of a block moves to s * PACKS + p, the order in which transposed kernels consume K. Padding is
+    zeros. One pass over x (torch's pad, permute and copy took three)."""
     per_pack = pack_geometry(bits)[0]
-    k = x.shape[-1]
+    b, m, k = x.shape
     blocks = -(-k // block)
-    if blocks * block != k:
-        x = F.pad(x, (0, blocks * block - k))
-    x = x.reshape(*x.shape[:-1], blocks, block // per_pack, per_pack).transpose(-1, -2)
-    return x.reshape(*x.shape[:-3], blocks * block)
+    out = torch.empty(b, m, blocks * block, dtype=x.dtype, device=x.device)
+    n_rows = b * m
+    if n_rows and blocks:
+        block_r = 32
+        slot_major_kernel[(triton.cdiv(n_rows, block_r), blocks)](
+            x, out, n_rows, m, k, blocks * block, *x.stride(), PER_PACK=per_pack, PACKS=block // per_pack,
+            BLOCK_R=block_r, num_warps=4)
+    return out
