@@ -17,6 +17,8 @@ import torch
 import lowbit
 from lowbit.backends.triton.qmm import tuned
 from lowbit.bench_cuda import graph_time_us
+from decode_ab import compare  # (benchmarks/ is on the path when run as a script)
+from moe_bench import kernels_of
 
 MODELS = (  # name, experts, top-k, N, K, format
     ("qwen3-30b-a3b gate/up", 128, 8, 768, 2048, ("affine", 64, 4)),
@@ -26,16 +28,6 @@ MODELS = (  # name, experts, top-k, N, K, format
 )
 TOKENS = 4096
 SWEEP = tuple(os.environ.get("SWEEP", "128,128,8,3 128,64,4,3 128,64,4,4 64,128,4,3 64,64,4,4").split())
-
-
-def kernels(call) -> str:
-    call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return ", ".join(f"{e.name[:28]} {e.device_time:.1f}" for e in events)
 
 
 def run(tag: str, sweep: bool) -> None:
@@ -62,7 +54,7 @@ def run(tag: str, sweep: bool) -> None:
         w_t = w.transpose(-2, -1)
         base = graph_time_us([lambda: torch._grouped_mm(x_sorted, w_t, offs=offsets)])
         print(f"\n{key}: token 0 alone == in the batch: {invariant}; bf16 _grouped_mm {base:.1f} us", flush=True)
-        print(f"  kernels (us): {kernels(call)}", flush=True)
+        kernels_of(call)
         for tile in [None] + (list(SWEEP) if sweep else []):
             with tuned(LOWBIT_QMM_TILE=tile):
                 us = graph_time_us([call])
@@ -70,13 +62,6 @@ def run(tag: str, sweep: bool) -> None:
             bits_note = "equal" if same else "DIFFER"
             print(f"  {tile or 'default':12s} {us:8.1f} us  {base / us:5.2f}x bf16  bits {bits_note}", flush=True)
     torch.save(saved, f"{os.environ.get('OUT', '/tmp')}/{tag}.pt")
-
-
-def compare(a: str, b: str) -> None:
-    out = os.environ.get("OUT", "/tmp")
-    ya, yb = torch.load(f"{out}/{a}.pt"), torch.load(f"{out}/{b}.pt")
-    differ = [key for key in ya if not torch.equal(ya[key], yb[key])]
-    print(f"{a} vs {b}: {len(ya) - len(differ)} of {len(ya)} outputs bit-identical; differ: {differ}")
 
 
 if __name__ == "__main__":
