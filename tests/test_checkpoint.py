@@ -11,7 +11,7 @@ import torch
 import lowbit
 from lowbit.models import load_quantized, load_tensors, read_config, save_quantized
 
-from conftest import mx, same_bits
+from conftest import mx, same_bits, to_torch
 
 transformers = pytest.importorskip("transformers")
 mlx_lm_utils = pytest.importorskip("mlx_lm.utils") if mx is not None else None
@@ -172,13 +172,18 @@ def _qwen3_moe(tie: bool, seed=0):
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
+def _mlx_lm_config(model) -> dict:
+    """The model's config with the keys mlx-lm 0.32.2 reads that transformers 5 writes elsewhere."""
+    config = model.config.to_dict()
+    config.setdefault("num_experts", model.config.num_experts)
+    config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return config
+
+
 def _save_for_mlx_lm(model, path):
     """save_pretrained, with the config keys mlx-lm reads that transformers 5 writes elsewhere."""
     model.save_pretrained(path)
-    config = json.loads((path / "config.json").read_text())
-    config.setdefault("num_experts", model.config.num_experts)
-    config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    (path / "config.json").write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps(_mlx_lm_config(model)))
 
 
 @pytest.mark.parametrize("mode,group_size,bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4)])
@@ -236,3 +241,129 @@ def test_tied_llama_saved_as_mlx_lm_does(tmp_path):
     assert isinstance(fresh.lm_head, lowbit.nn.TiedHead)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def _mlx_tensors(mlx_model) -> dict:
+    """mlx-lm's model's parameters by name, as torch tensors (bit-exact)."""
+    from mlx.utils import tree_flatten
+
+    return {name: to_torch(a) for name, a in tree_flatten(mlx_model.parameters())}
+
+
+def _logits_match(model, mlx_model, tol=1e-4):
+    import numpy as np
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids).logits.numpy()
+    assert np.abs(np.array(mlx_model(mx.array(ids.numpy()))) - ours).max() < tol
+
+
+MOE_SAVES = [("affine", 64, 4, False), ("mxfp4", 32, 4, False), ("nvfp4", 16, 4, False), ("nvfp4", 16, 4, True)]
+
+
+@pytest.mark.parametrize("mode,group_size,bits,global_scale", MOE_SAVES)
+def test_lowbit_moe_checkpoint_loads_in_mlx_lm(tmp_path, mode, group_size, bits, global_scale):
+    """A transformers Qwen3-MoE quantized by lowbit is saved under mlx-lm's names: mlx-lm's own loader builds its
+    model from it holding lowbit's bytes (gate_up_proj's rows split into switch_mlp's gate_proj and up_proj, the
+    per-expert tensor scale on both) and computes lowbit's logits; the quantization block is the one mlx-lm's
+    quantize_model writes (global_scale entries on each switch_mlp projection), less the router's entry: the router
+    (a bare weight in transformers) stays float, which mlx-lm reads as a float linear."""
+    model = _qwen3_moe(tie=False)
+    quantization = lowbit.quantize_model(model, group_size, bits, mode, global_scale=global_scale)
+    save_quantized(model, tmp_path / "lowbit", quantization, _mlx_lm_config(model))
+    saved = load_tensors(tmp_path / "lowbit")
+    assert not [name for name in saved if ".experts." in name]
+
+    mlx_model, mlx_config = mlx_lm_utils.load_model(tmp_path / "lowbit")
+    held = _mlx_tensors(mlx_model)
+    _assert_same_tensors(held, saved)  # every tensor written is what mlx-lm holds, and mlx-lm holds no other
+    for i, layer in enumerate(model.model.layers):
+        switch, experts = f"model.layers.{i}.mlp.switch_mlp", layer.mlp.experts
+        for suffix in ("weight", "scales", "biases", "global_scale"):
+            gate_up, down = getattr(experts.gate_up_proj, suffix), getattr(experts.down_proj, suffix)
+            if gate_up is None:
+                assert f"{switch}.gate_proj.{suffix}" not in held
+                continue
+            gate, up = held[f"{switch}.gate_proj.{suffix}"], held[f"{switch}.up_proj.{suffix}"]
+            assert same_bits(gate_up, gate if suffix == "global_scale" else torch.cat([gate, up], 1)), suffix
+            assert suffix != "global_scale" or same_bits(up, gate_up)
+            assert same_bits(down, held[f"{switch}.down_proj.{suffix}"]), suffix
+        assert same_bits(layer.mlp.gate.weight.detach(), held[f"model.layers.{i}.mlp.gate.weight"])
+
+    _save_for_mlx_lm(_qwen3_moe(tie=False), tmp_path / "float")
+    _, theirs = _mlx_checkpoint(tmp_path / "float", tmp_path / "mlx", group_size, bits, mode)
+    if global_scale:  # (mlx-lm's quantize_model takes global_scale, _mlx_checkpoint does not pass it)
+        _, theirs = mlx_lm_utils.quantize_model(*mlx_lm_utils.load_model(tmp_path / "float"), group_size, bits,
+                                                 mode=mode, global_scale=True)
+    routers = {f"model.layers.{i}.mlp.gate" for i in range(2)}
+    expected = {k: v for k, v in theirs["quantization"].items() if k not in routers}
+    assert mlx_config["quantization"] == expected == read_config(tmp_path / "lowbit")["quantization_config"]
+    if not global_scale:  # (MLX's CPU gather_qmm takes no global scale: "only supported on the GPU")
+        _logits_match(model, mlx_model)
+
+
+def test_lowbit_moe_checkpoint_round_trips(tmp_path):
+    """load_quantized of what save_quantized writes (mlx-lm's switch_mlp names) gives the saved model's buffers,
+    bit for bit, and its logits exactly; nvfp4 with a tensor scale per expert, the case with most tensors."""
+    model = _qwen3_moe(tie=True)
+    quantization = lowbit.quantize_model(model, mode="nvfp4", global_scale=True)
+    save_quantized(model, tmp_path / "ckpt", quantization, _mlx_lm_config(model))
+    fresh = _qwen3_moe(tie=True, seed=2)
+    load_quantized(fresh, tmp_path / "ckpt")
+    assert isinstance(fresh.model.layers[1].mlp.experts, lowbit.nn.QuantizedExperts)
+    _assert_same_tensors(fresh.state_dict(), model.state_dict())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_moe_with_float_experts_saved_for_mlx_lm(tmp_path):
+    """Experts kept float are written as mlx-lm's float switch_mlp (gate_up_proj's rows split) with False entries:
+    mlx-lm loads them as float SwitchLinears with lowbit's logits, and lowbit loads them back exactly."""
+    model = _qwen3_moe(tie=False)
+    quantization = lowbit.quantize_model(model, config={"re:.*experts": False})
+    assert quantization["model.layers.0.mlp.experts"] is False
+    save_quantized(model, tmp_path / "ckpt", quantization, _mlx_lm_config(model))
+    mlx_model, mlx_config = mlx_lm_utils.load_model(tmp_path / "ckpt")
+    assert mlx_config["quantization"]["model.layers.0.mlp.switch_mlp.up_proj"] is False
+    held = _mlx_tensors(mlx_model)
+    gate_up = model.model.layers[0].mlp.experts.gate_up_proj.detach()
+    assert same_bits(torch.cat([held[f"model.layers.0.mlp.switch_mlp.{p}_proj.weight"] for p in ("gate", "up")], 1),
+                     gate_up)
+    _logits_match(model, mlx_model)
+    fresh = _qwen3_moe(tie=False, seed=2)
+    load_quantized(fresh, tmp_path / "ckpt")
+    _assert_same_tensors(fresh.state_dict(), model.state_dict())
+
+
+def test_mlx_lm_moe_checkpoint_saved_again_loads_in_mlx_lm(tmp_path):
+    """An mlx-lm checkpoint loaded by lowbit and saved again: the experts are mlx-lm's bytes under mlx-lm's names;
+    the 8-bit routers, which transformers holds as their dequantized weight, are written float with a False entry
+    (the block said 8-bit, for which mlx-lm would expect scales), so mlx-lm loads it and gives its own logits."""
+    _save_for_mlx_lm(_qwen3_moe(tie=False), tmp_path / "float")
+    mlx_model, mlx_config = _mlx_checkpoint(tmp_path / "float", tmp_path / "mlx", 64, 4, "affine")
+    model = _qwen3_moe(tie=False, seed=1)
+    load_quantized(model, tmp_path / "mlx")
+    save_quantized(model, tmp_path / "again", mlx_config["quantization"], _mlx_lm_config(model))
+    again, original = load_tensors(tmp_path / "again"), load_tensors(tmp_path / "mlx")
+    routers = [f"model.layers.{i}.mlp.gate" for i in range(2)]
+    for router in routers:
+        assert read_config(tmp_path / "again")["quantization"][router] is False
+        assert again.pop(f"{router}.weight").is_floating_point()
+        original = {k: v for k, v in original.items() if not k.startswith(f"{router}.")}
+    _assert_same_tensors(again, original)
+    reloaded, _ = mlx_lm_utils.load_model(tmp_path / "again")
+    _logits_match(model, reloaded)
+    _logits_match(model, mlx_model)
+
+
+def test_save_rejects_experts_that_cannot_be_split(tmp_path):
+    """gate_up_proj with an odd number of rows has no gate and up halves: ValueError naming the op, no files."""
+    model = _qwen3_moe(tie=False)
+    lowbit.quantize_model(model)
+    odd = lowbit.nn.QuantizedSwitchLinear.from_weights(torch.randn(8, 127, 128), None)
+    model.model.layers[0].mlp.experts.gate_up_proj = odd
+    with pytest.raises(ValueError, match=r"\[save_quantized\].*gate_up_proj.*odd number of rows \(127"):
+        save_quantized(model, tmp_path / "ckpt", {"group_size": 64, "bits": 4, "mode": "affine"})
+    assert not (tmp_path / "ckpt").exists()

@@ -7,6 +7,10 @@ named by module path (`<p>.weight` uint32 codes, `<p>.scales`, `<p>.biases` for 
 mirrored to `quantization_config`. Loading globs `model*.safetensors` (a copied index can be stale) and decides
 each layer as mlx-lm does: its entry in the quantization block if it has one, else quantized exactly when
 `<p>.scales` is present, with group size, bits and mode read off the tensors.
+
+Mixture-of-experts blocks are written and read under mlx-lm's names: transformers' stacked
+`<block>.experts.gate_up_proj` (gate rows, then up rows) and `.down_proj` are mlx-lm's
+`<block>.switch_mlp.{gate,up,down}_proj`, so `mlx_lm.load` reads what `save_quantized` writes.
 """
 
 from __future__ import annotations
@@ -50,14 +54,20 @@ def save_quantized(model: nn.Module, path: str | Path, quantization: dict, confi
 
     `config` is the model's own config (for a transformers model: `model.config.to_dict()`); it is written with the
     quantization block added and mirrored to `quantization_config`, keys sorted, as mlx-lm's save_config does.
+    Stacked experts are written as mlx-lm's `switch_mlp` (their quantization entries too), and a layer the model
+    holds float whose entry says quantized (a router loaded dequantized) is recorded False, so mlx-lm keeps it
+    float: `mlx_lm.load` computes with exactly the weights `model` holds.
     """
     training = [p for p, m in model.named_modules() if isinstance(m, QQLinear) and m.weight.is_floating_point()]
     if training:
         raise ValueError(f"[save_quantized] {', '.join(training)} hold float weights (QQLinear in training mode); "
                          f"call model.eval() to quantize them first.")
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
+    experts = _switch_mlp_paths(model)
+    tensors = _to_switch_mlp(tensors, experts)
+    quantization = _mlx_lm_quantization(quantization, experts, tensors)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
     shards = _shards(tensors, max_shard_bytes)
     pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
     weight_map = {}
@@ -74,6 +84,70 @@ def save_quantized(model: nn.Module, path: str | Path, quantization: dict, confi
     config["quantization"] = quantization
     config["quantization_config"] = quantization
     (path / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+
+
+def _switch_mlp_path(experts_path: str) -> str:
+    """mlx-lm's name for the stacked experts transformers calls `<block>.experts`: `<block>.switch_mlp`."""
+    block = experts_path.rpartition(".")[0]
+    return f"{block}.switch_mlp" if block else "switch_mlp"
+
+
+def _switch_mlp_paths(model: nn.Module) -> dict[str, str]:
+    """{experts path: switch_mlp path} for the model's stacked experts, quantized or kept float."""
+    return {path: _switch_mlp_path(path) for path, module in model.named_modules()
+            if isinstance(module, QuantizedExperts) or is_stacked_experts(module)}
+
+
+def _gate_and_up(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up_proj's rows (dim 1 of (E, 2I, ...)) split in half: gate's rows, then up's. Quantization groups run
+    along rows, so each half holds exactly the codes and scales of its own projection; a per-expert tensor scale
+    (E,) covers both and is copied to each."""
+    if t.ndim == 1:
+        return t, t.clone()
+    rows = t.shape[1]
+    if rows % 2:
+        raise ValueError(f"[save_quantized] {name} has an odd number of rows ({rows}, shape {tuple(t.shape)}): it "
+                         f"cannot be split into mlx-lm's switch_mlp gate_proj and up_proj halves.")
+    gate, up = t.split(rows // 2, dim=1)
+    return gate.contiguous(), up.contiguous()
+
+
+def _to_switch_mlp(tensors: dict[str, torch.Tensor], experts: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of `_from_switch_mlp`: `<experts>.gate_up_proj.<t>` becomes `<switch_mlp>.gate_proj.<t>` and
+    `.up_proj.<t>` (rows split in half) and `.down_proj.<t>` moves under switch_mlp; float experts' bare
+    parameters become `.weight`. Other tensors keep their names and order."""
+    renamed = {}
+    for name, t in tensors.items():
+        experts_path = next((p for p in experts if name.startswith(f"{p}.")), "")
+        part, _, suffix = name[len(experts_path) + 1:].partition(".") if experts_path else ("", "", "")
+        if part not in ("gate_up_proj", "down_proj"):
+            renamed[name] = t
+            continue
+        switch, suffix = experts[experts_path], suffix or "weight"
+        if part == "down_proj":
+            renamed[f"{switch}.down_proj.{suffix}"] = t
+        else:
+            gate, up = _gate_and_up(name, t)
+            renamed[f"{switch}.gate_proj.{suffix}"] = gate
+            renamed[f"{switch}.up_proj.{suffix}"] = up
+    return renamed
+
+
+def _mlx_lm_quantization(quantization: dict, experts: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict:
+    """The quantization block as mlx-lm records it for the tensors written: an experts entry becomes one entry
+    per switch_mlp projection (mlx-lm's quantize_model records each SwitchLinear, e.g. with global_scale), and a
+    per-layer dict for a layer written float (transformers' bare-weight routers hold their dequantized weight) is
+    False, which mlx-lm's loader reads as "keep float" (it would otherwise expect `<p>.scales`)."""
+    block = {}
+    for key, entry in quantization.items():
+        weight = tensors.get(f"{key}.weight")
+        if key in experts:
+            block.update({f"{experts[key]}.{proj}": entry for proj in ("gate_proj", "up_proj", "down_proj")})
+        elif isinstance(entry, dict) and weight is not None and weight.is_floating_point():
+            block[key] = False
+        else:
+            block[key] = entry
+    return block
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -143,12 +217,18 @@ def _empty_experts(module: nn.Module, path: str, tensors: dict) -> QuantizedExpe
 def _from_switch_mlp(model: nn.Module, tensors: dict) -> None:
     """mlx-lm names a block's stacked experts `<block>.switch_mlp.{gate,up,down}_proj`; transformers holds
     `<block>.experts.gate_up_proj` (gate rows, then up rows) and `.down_proj`. Rename to the model's names,
-    concatenating gate's and up's rows (quantization groups run along rows, so the codes are unchanged)."""
+    concatenating gate's and up's rows (quantization groups run along rows, so the codes are unchanged); float
+    experts (no scales) load into transformers' bare parameters."""
     for path, module in model.named_modules():
         if not is_stacked_experts(module):
             continue
-        switch = f"{path.rpartition('.')[0]}.switch_mlp" if "." in path else "switch_mlp"
+        switch = _switch_mlp_path(path)
         if f"{switch}.gate_proj.weight" not in tensors or f"{path}.gate_up_proj" in tensors:
+            continue
+        if f"{switch}.gate_proj.scales" not in tensors and f"{switch}.up_proj.scales" not in tensors:
+            tensors[f"{path}.gate_up_proj"] = torch.cat(
+                [tensors.pop(f"{switch}.gate_proj.weight"), tensors.pop(f"{switch}.up_proj.weight")], -2)
+            tensors[f"{path}.down_proj"] = tensors.pop(f"{switch}.down_proj.weight")
             continue
         for suffix in ("weight", "scales", "biases", "global_scale"):
             gate = tensors.pop(f"{switch}.gate_proj.{suffix}", None)
