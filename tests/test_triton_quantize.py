@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from lowbit.backends.triton.encode import (  # noqa: E402
-    divide, e4m3_encode, e8m0_exponent_ceil, fast_division_safe, round_half_even,
+    divide, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, fast_division_safe, round_half_even,
 )
 
 GPU = torch.cuda.is_available()
@@ -88,6 +88,19 @@ def test_nvfp4_tensor_scale_bytes_equal_the_cpu_path(monkeypatch, dtype, tensor_
         assert same_bits(a, b.to(DEVICE))
 
 
+@pytest.mark.parametrize("rows_outer", [True, False])
+@pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("affine", 32, 3), ("mxfp8", 32, 8), ("nvfp4", 16, 4)])
+def test_load_axis_order_gives_the_same_bytes(monkeypatch, mode, gs, bits, rows_outer, gen):
+    """The tile is loaded as (V, R, G, VEC) or, for Triton < 3.7's coalescing, as (R, G, V, VEC) and permuted back:
+    both orders on any Triton (the other one is what a different Triton version runs)."""
+    from lowbit.backends.triton import quantizer
+    monkeypatch.setattr(quantizer, "_COALESCE_TIES_FIRST_AXIS_FIRST", rows_outer)
+    w = hard_weight(40, 384, gs, torch.bfloat16, gen).to(DEVICE)
+    ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, gs, bits, mode))
+    for a, b in zip(ours, theirs):
+        assert same_bits(a, b.to(DEVICE))
+
+
 def test_quantize_batched_non_contiguous_and_empty(monkeypatch, gen):
     w = torch.randn(3, 64, 10, generator=gen).to(DEVICE).transpose(-1, -2)  # (3, 10, 64), strided rows
     ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, 32, 4))
@@ -101,7 +114,7 @@ def test_quantize_batched_non_contiguous_and_empty(monkeypatch, gen):
 # --- the encoders, one at a time -----------------------------------------------------------------------------------
 
 @triton.jit
-def _encoder_kernel(x_ptr, out_ptr, n, WHICH: tl.constexpr, BLOCK: tl.constexpr):
+def _encoder_kernel(x_ptr, out_ptr, n, WHICH: tl.constexpr, HARDWARE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -109,15 +122,17 @@ def _encoder_kernel(x_ptr, out_ptr, n, WHICH: tl.constexpr, BLOCK: tl.constexpr)
         tl.store(out_ptr + offs, round_half_even(x), mask=mask)
     elif WHICH == 1:
         tl.store(out_ptr + offs, e8m0_exponent_ceil(x).to(tl.float32), mask=mask)
+    elif WHICH == 2:
+        tl.store(out_ptr + offs, e4m3_encode(x, HARDWARE).to(tl.float32), mask=mask)
     else:
-        tl.store(out_ptr + offs, e4m3_encode(x).to(tl.float32), mask=mask)
+        tl.store(out_ptr + offs, e2m1_encode(x).to(tl.float32), mask=mask)
 
 
 def encode_on_device(x: torch.Tensor, which: int) -> torch.Tensor:
     x = x.float().contiguous().to(DEVICE)
     out = torch.empty_like(x)
     block = 4096
-    _encoder_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), WHICH=which, BLOCK=block)
+    _encoder_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), WHICH=which, HARDWARE=GPU, BLOCK=block)
     return out.cpu()
 
 
@@ -165,6 +180,16 @@ def test_e4m3_encode_matches_the_codec(gen):
                    torch.tensor([448.0, 449.0, 464.0, 465.0, 1e30, -1e30, 0.0, -0.0, float("inf"), -float("inf"),
                                  float("nan")])])
     assert torch.equal(encode_on_device(x, 2).to(torch.uint8), codecs.e4m3_encode(x))
+
+
+def test_e2m1_encode_matches_the_codec(gen):
+    """Every bfloat16 value but NaN (the kernel never encodes one), each e2m1 tie and value with its float32
+    neighbours, both signs, beyond 6, signed zeros and infinities."""
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    deciding = torch.tensor(E2M1_TIES + (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0))
+    x = torch.cat([every_bf16[every_bf16 == every_bf16], neighbours(deciding), -neighbours(deciding),
+                   all_finite_float32_samples(gen), torch.tensor([1e30, -1e30, -0.0, float("inf"), -float("inf")])])
+    assert torch.equal(encode_on_device(x, 3).to(torch.uint8), codecs.e2m1_encode(x))
 
 
 @triton.jit

@@ -30,20 +30,14 @@ def round_half_even(v):
 
 
 @triton.jit
-def round_small_half_even(v):
-    """round_half_even for |v| < 2**22 in two additions (the float32 sum rounds ties to even); larger |v| come back
-    large with the same sign, which is all a code clamp to [0, 255] needs."""
-    return (v + _ROUND_MAGIC) - _ROUND_MAGIC
-
-
-@triton.jit
-def group_min_keeping_first_zero(g, GS: tl.constexpr):
-    """min over the last axis of g (R, G, GS) with MLX's sign of zero: a minimum of zero takes the sign of the
-    group's first zero, as a sequential min does (lowbit.formats.affine)."""
-    lo = tl.min(g, axis=2)
-    pos = tl.arange(0, GS)[None, None, :]
-    first = tl.min(tl.where(g == 0.0, pos, GS), axis=2)
-    negative = tl.max(tl.where(pos == first[:, :, None], (_as_bits(g) >> 31) & 1, 0), axis=2)
+def group_min_keeping_first_zero(g, pos, GS: tl.constexpr):
+    """Each group's min of a quantize tile g (V, R, G, VEC) -> (R, G), with MLX's sign of zero: a minimum of zero
+    takes the sign of the group's first zero, as a sequential min does (lowbit.formats.affine). `pos` is each
+    value's place in its group."""
+    lo = tl.min(tl.min(g, axis=3), axis=0)
+    first = tl.min(tl.min(tl.where(g == 0.0, pos, GS), axis=3), axis=0)
+    sign = tl.where(pos == first[None, :, :, None], (_as_bits(g) >> 31) & 1, 0)
+    negative = tl.max(tl.max(sign, axis=3), axis=0)
     return tl.where(lo == 0.0, float_of_bits(negative << 31), lo)
 
 
@@ -92,24 +86,28 @@ def fast_division_safe(a_max, s, inv_s):
 
 @triton.jit
 def divide_tile(a, s, inv_s, safe, INTERPRET: tl.constexpr):
-    """div_rn(a, s) over a tile of groups: a (R, G, GS), the groups' divisors s and inv_s = div_rn(1, s) (R, G).
+    """div_rn(a, s) over a tile: the values a, their groups' divisors s and inv_s = div_rn(1, s) (broadcast to a).
     The fast division if every group of the tile is `safe` (fast_division_safe, or its result unused), else div_rn:
     one branch per tile; only extreme scales take the slow one."""
     if INTERPRET:
-        q = divide(a, s[:, :, None], inv_s[:, :, None], False)
+        q = divide(a, s, inv_s, False)
     else:
         if tl.min(safe.to(tl.int32)) == 1:
-            q = divide(a, s[:, :, None], inv_s[:, :, None], True)
+            q = divide(a, s, inv_s, True)
         else:
-            q = divide(a, s[:, :, None], inv_s[:, :, None], False)
+            q = divide(a, s, inv_s, False)
     return q
 
 
 @triton.jit
 def affine_codes(quotient, BITS: tl.constexpr):
-    """(g - b) / s, float32 -> int32 codes clamp(round((g - b) / s))."""
-    v = round_small_half_even(quotient)
-    return tl.minimum(tl.maximum(v, 0.0), (1 << BITS) - 1).to(tl.int32)
+    """(g - b) / s, float32 -> int32 codes clamp(round((g - b) / s)), round half to even.
+
+    Adding 1.5 * 2**23 rounds |quotient| < 2**22 to an integer (ties to even) held in the low mantissa bits; larger
+    quotients land outside the clamp either way. The clamp stays in float and the code is read off the bits: no
+    float -> int conversion (a quarter-rate instruction)."""
+    shifted = tl.minimum(tl.maximum(quotient + _ROUND_MAGIC, _ROUND_MAGIC), _ROUND_MAGIC + ((1 << BITS) - 1))
+    return _as_bits(shifted) - 0x4B400000
 
 
 @triton.jit
@@ -143,22 +141,38 @@ def power_of_two(exponent):
 
 @triton.jit
 def e2m1_encode(q):
-    """float32 -> e2m1 nibble (int32): round half to even, saturate at 6, sign only on a non-zero code, NaN -> 0."""
+    """float32 -> e2m1 nibble (int32): round half to even, saturate at 6, sign only on a non-zero code. q must not
+    be NaN (codecs.e2m1_encode maps it to 0; the quantize kernel zeroes non-finite groups before encoding).
+
+    From 1 on (the normal codes) the float's bits are rounded to one mantissa bit, as e4m3_encode's integer path
+    does to three; below 1, 2 * |q| is rounded to 0, 1 or 2 (codes 0, 0.5, 1.0) by adding 1.5 * 2**23."""
     a = tl.abs(q)
-    idx = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-           + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    bits = _as_bits(tl.minimum(a, 6.0))
+    normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252  # 1.0 (0x3F800000) is code 2
+    small = _as_bits(a * 2.0 + _ROUND_MAGIC) - 0x4B400000
+    idx = tl.where(a < 1.0, small, normal)
     return idx | tl.where((q < 0) & (idx > 0), 8, 0)
 
 
 @triton.jit
-def e4m3_encode(x):
+def e4m3_encode(x, HARDWARE: tl.constexpr):
     """float32 -> e4m3fn byte (int32): clamp to +-448, round half to even, the sign always kept (-0 -> 0x80);
-    NaN and +-inf -> 0x7F with their sign (lowbit.formats.codecs.e4m3_encode)."""
+    NaN and +-inf -> 0x7F with their sign (lowbit.formats.codecs.e4m3_encode).
+
+    HARDWARE (the GPU, sm_89 on): the saturating conversion instruction, two values at a time, which rounds the
+    same way; only +-inf need fixing (it saturates them to 448). Else integer arithmetic on the float's bits."""
     sign = (_as_bits(x) >> 24) & 0x80
-    a = tl.minimum(tl.abs(x), 448.0)
-    bits = _as_bits(a)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)  # 3 mantissa bits, exponent bias 7
-    subnormal = round_half_even(a * 512.0).to(tl.int32)  # multiples of 2**-9 (8 is the smallest normal)
-    code = tl.where(a < 0.015625, subnormal, normal)
     finite = tl.abs(x) < float("inf")
-    return tl.where(finite, code, 0x7F) | sign
+    if HARDWARE:
+        code = tl.inline_asm_elementwise(
+            "{ .reg .b16 pair; cvt.rn.satfinite.e4m3x2.f32 pair, $3, $2; cvt.u32.u16 $0, pair; "
+            "shr.u32 $1, $0, 8; and.b32 $0, $0, 255; }",
+            "=r,=r,r,r", [x.to(tl.float32)], dtype=tl.int32, is_pure=True, pack=2)
+        return tl.where(finite, code, 0x7F | sign)
+    else:
+        a = tl.minimum(tl.abs(x), 448.0)
+        bits = _as_bits(a)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)  # 3 mantissa bits, exponent bias 7
+        subnormal = round_half_even(a * 512.0).to(tl.int32)  # multiples of 2**-9 (8 is the smallest normal)
+        code = tl.where(a < 0.015625, subnormal, normal)
+        return tl.where(finite, code, 0x7F) | sign

@@ -25,31 +25,61 @@ from .tiles import values_of
 
 
 @triton.jit
-def _store_packed(q_ptr, codes, rows, r_mask, col0, K, n_words,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BITS: tl.constexpr):
-    """Pack int32 codes (BLOCK_R, BLOCK_C) of columns col0.. into MLX's little-endian bit stream and store the words."""
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _group_max(x):
+    """(V, R, G, VEC) -> (R, G): each group's maximum, NaN if the group holds one (so that one reduction also tells
+    the non-finite groups). A group's values are in one thread's registers (or one warp's): few or no shuffles."""
+    return tl.reduce(tl.reduce(x, 3, _max_keeping_nan), 0, _max_keeping_nan)
+
+
+@triton.jit
+def _group_min(x):
+    return tl.min(tl.min(x, axis=3), axis=0)
+
+
+@triton.jit
+def _spread(t):
+    """(R, G) -> (1, R, G, 1): a group's value beside each of its values."""
+    return t[None, :, :, None]
+
+
+@triton.jit
+def _store_packed(q_ptr, codes, row, r_mask, group, K, n_words, GS: tl.constexpr, VEC: tl.constexpr,
+                  BLOCK_R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
+    """Pack int32 codes (V, R, G, VEC) into MLX's little-endian bit stream and store the words; code (v, r, g, e)
+    is value v * VEC + e of group `group[g]` of row `row[r]`. Every word is built from one thread's registers, so
+    the shifts are constants and the packing is a few integer instructions per code."""
+    V: tl.constexpr = GS // VEC
+    mask = (r_mask[:, None] & (group * GS < K)[None, :])[None, :, :]
+    base = q_ptr + (row[:, None] * n_words)[None, :, :]
     if 32 % BITS == 0:  # whole codes per word
         PER: tl.constexpr = 32 // BITS
-        NW: tl.constexpr = BLOCK_C // PER
-        shifts = tl.arange(0, PER) * BITS
-        words = tl.sum(tl.reshape(codes, (BLOCK_R, NW, PER)) << shifts[None, None, :], axis=2)
-        word = col0 // PER + tl.arange(0, NW)
-        mask = r_mask[:, None] & (word * PER < K)[None, :]
-        tl.store(q_ptr + rows[:, None] * n_words + word[None, :], words, mask=mask)
-    else:  # 3, 5, 6 bits: every 32 codes fill BITS words, codes straddle words
-        SP: tl.constexpr = BLOCK_C // 32
-        c = tl.reshape(codes, (BLOCK_R, SP, 32)).to(tl.uint32)
-        superpack = col0 // 32 + tl.arange(0, SP)
-        mask = r_mask[:, None] & (superpack * 32 < K)[None, :]
-        j = tl.arange(0, 32)
+        M: tl.constexpr = PER // VEC if PER > VEC else 1  # vectors per word
+        NW: tl.constexpr = VEC // PER if PER < VEC else 1  # words per vector
+        PV: tl.constexpr = PER // M  # codes of a word in one vector
+        c = tl.reshape(codes, (V // M, M, BLOCK_R, G, NW, PV))
+        shifts = (tl.arange(0, M)[:, None] * PV + tl.arange(0, PV)[None, :]) * BITS
+        words = tl.sum(tl.sum(c << shifts[None, :, None, None, None, :], axis=5), axis=1)  # (V // M, R, G, NW)
+        word = (group[None, :, None] * (GS // PER) + (tl.arange(0, V // M)[:, None, None] * NW
+                + tl.arange(0, NW)[None, None, :]))  # (V // M, G, NW)
+        tl.store(base[:, :, :, None] + word[:, None, :, :], words, mask=mask[:, :, :, None])
+    else:  # 3, 5, 6 bits: every 32 codes (M vectors) fill BITS words, codes straddle words
+        M: tl.constexpr = 32 // VEC
+        c = tl.reshape(codes, (V // M, M, BLOCK_R, G, VEC)).to(tl.uint32)
+        j = (tl.arange(0, M)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, None, None, :]  # code in the 32
+        superpack = group[None, :] * (GS // 32) + tl.arange(0, V // M)[:, None]  # (V // M, G)
         for i in tl.static_range(BITS):
             shift = j * BITS - 32 * i  # where code j starts relative to word i's bit 0
-            left = c << tl.minimum(tl.maximum(shift, 0), 31).to(tl.uint32)[None, None, :]
-            right = c >> tl.minimum(tl.maximum(-shift, 0), 31).to(tl.uint32)[None, None, :]
-            part = tl.where((shift >= 0)[None, None, :], left, right)
-            part = tl.where(((shift < 32) & (shift > -BITS))[None, None, :], part, 0)
-            words = tl.sum(part.to(tl.int32, bitcast=True), axis=2)  # disjoint bits: the sum is an OR
-            tl.store(q_ptr + rows[:, None] * n_words + (superpack * BITS + i)[None, :], words, mask=mask)
+            left = c << tl.minimum(tl.maximum(shift, 0), 31).to(tl.uint32)
+            right = c >> tl.minimum(tl.maximum(-shift, 0), 31).to(tl.uint32)
+            part = tl.where(shift >= 0, left, right)
+            part = tl.where((shift < 32) & (shift > -BITS), part, 0)
+            words = tl.sum(tl.sum(part.to(tl.int32, bitcast=True), axis=4), axis=1)  # disjoint bits: the sum is an OR
+            tl.store(base + (superpack * BITS + i)[:, None, :], words, mask=mask)
 
 
 @triton.jit
@@ -67,90 +97,152 @@ def _stored_bits(value, finite, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _amax_over(g, element_max, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Each group's amax / element_max: a true division rounded to w's dtype (as MLX), kept in float32."""
-    amax = tl.max(tl.abs(g), axis=2)
+def _block_scale_target(amax, element_max, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """A group's amax / element_max: a true division rounded to w's dtype (as MLX), kept in float32."""
     return round_to(tl.math.div_rn(amax, tl.full(amax.shape, element_max, tl.float32)), DTYPE, INTERPRET)
 
 
 @triton.jit
-def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, sw_r, sw_c,
+def _tile_place(tile, n_col_tiles, n_rows, K, BLOCK_R: tl.constexpr, G: tl.constexpr, GS: tl.constexpr):
+    """Tile number -> its rows (R,), groups (G,) and which (row, group) pairs exist (R, G)."""
+    row = (tile // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    group = (tile % n_col_tiles) * G + tl.arange(0, G)
+    return row, group, (row < n_rows)[:, None] & (group * GS < K)[None, :]
+
+
+@triton.jit
+def _load_tile(w_ptr, tile, n_col_tiles, n_rows, K, sw_r, sw_c, pos,
+               BLOCK_R: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, ROWS_OUTER: tl.constexpr):
+    """The raw values (V, R, G, VEC) of a tile.
+
+    Triton's coalescing pass lays the axes of a load across threads fastest-first: the contiguous VEC axis, then,
+    among axes of equal contiguity, the last one first (Triton 3.7 on) or the first one first (before 3.7). The
+    threads must go along R and G (a thread owns whole groups), not along V: with ROWS_OUTER (Triton < 3.7) the
+    load is issued as (R, G, V, VEC) and its result permuted back, which moves no data."""
+    row, group, g_mask = _tile_place(tile, n_col_tiles, n_rows, K, BLOCK_R, G, GS)
+    offsets = (row * sw_r)[None, :, None, None] + ((group * GS)[None, None, :, None] + pos) * sw_c
+    mask = tl.broadcast_to(_spread(g_mask), offsets.shape)
+    if ROWS_OUTER:
+        values = tl.load(w_ptr + tl.permute(offsets, (1, 2, 0, 3)), mask=tl.permute(mask, (1, 2, 0, 3)), other=0.0)
+        return tl.permute(values, (2, 0, 1, 3))
+    else:
+        return tl.load(w_ptr + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, sw_r, sw_c, n_col_tiles,
                     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
                     HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, ROWS_OUTER: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     """Quantize rows of w (n_rows, K) in groups of GS: packed words to q, scales (and biases) to s (and b); with
-    FAKE, write the dequantized values (float32 products of code and scale, without the tensor scale) to out."""
+    FAKE, write the dequantized values (float32 products of code and scale, without the tensor scale) to out.
+
+    One program a tile (the column tiles of a row tile are consecutive). A persistent variant that loaded the next
+    tile while working on the current one was slower on the H200 (more registers, fewer warps: NOTES v8)."""
     G: tl.constexpr = BLOCK_C // GS
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col0 = tl.program_id(1) * BLOCK_C
-    cols = col0 + tl.arange(0, BLOCK_C)
-    r_mask = rows < n_rows
-    mask = r_mask[:, None] & (cols < K)[None, :]
-    w = tl.load(w_ptr + rows[:, None] * sw_r + cols[None, :] * sw_c, mask=mask, other=0.0)
+    V: tl.constexpr = GS // VEC
+    pos = tl.arange(0, V)[:, None, None, None] * VEC + tl.arange(0, VEC)[None, None, None, :]  # value in its group
+    tile = tl.program_id(0)
+    raw = _load_tile(w_ptr, tile, n_col_tiles, n_rows, K, sw_r, sw_c, pos, BLOCK_R, G, GS, ROWS_OUTER)
+    _quantize_tile(raw, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, n_col_tiles,
+                   MODE, BITS, GS, W_DTYPE, HAS_ENCODE, FAKE, OUT_DTYPE, BLOCK_R, G, VEC, INTERPRET)
+
+
+@triton.jit
+def _quantize_tile(g, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, n_col_tiles,
+                   MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
+                   HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                   BLOCK_R: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, INTERPRET: tl.constexpr):
+    """One tile (V, R, G, VEC): BLOCK_R rows by G groups, each group's GS values as V vectors of VEC (16 bytes of
+    w). Triton lays the R and G axes across threads and V, VEC in each thread's registers, so a thread owns whole
+    groups (or, for large groups, a warp owns part of each): the group reductions, the scale arithmetic and the
+    packing need little or no data from other threads."""
+    row, group, g_mask = _tile_place(tile, n_col_tiles, n_rows, K, BLOCK_R, G, GS)
+    r_mask = row < n_rows
+    col = (group * GS)[None, None, :, None] + pos
     if W_DTYPE == tl.bfloat16:  # widened from the bits (the interpreter's own conversion flushes subnormals)
-        w = (w.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    g = tl.reshape(w.to(tl.float32), (BLOCK_R, G, GS))
-    group = col0 // GS + tl.arange(0, G)
-    g_mask = r_mask[:, None] & (group * GS < K)[None, :]
-    finite = tl.max(tl.where(tl.abs(g) < float("inf"), 0, 1), axis=2) == 0  # (R, G): no NaN / Inf in the group
+        g = (g.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    g = g.to(tl.float32)
     n_groups = K // GS
-    scale_ptrs = s_ptr + rows[:, None] * n_groups + group[None, :]
+    scale_ptrs = s_ptr + row[:, None] * n_groups + group[None, :]
 
     if MODE == 0:  # affine
-        lo = group_min_keeping_first_zero(g, GS) if BITS == 1 else tl.min(g, axis=2)
-        hi = tl.max(g, axis=2)
+        lo = group_min_keeping_first_zero(g, pos, GS) if BITS == 1 else _group_min(g)
+        hi = _group_max(g)
+        finite = (hi < float("inf")) & (lo > -float("inf"))  # (R, G): no NaN (hi is NaN then) and no +-inf
         scale, bias = affine_params(lo, hi, BITS)
         inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
         reach = tl.maximum(tl.abs(hi - bias), tl.abs(lo - bias))  # bounds |g - bias|
         safe = fast_division_safe(reach, scale, inv_scale) | ~finite  # (non-finite groups: codes 0 below)
-        codes = affine_codes(divide_tile(g - bias[:, :, None], scale, inv_scale, safe, INTERPRET), BITS)
-        codes = tl.where(finite[:, :, None], codes, 0)
+        quotient = divide_tile(g - _spread(bias), _spread(scale), _spread(inv_scale), safe, INTERPRET)
+        codes = tl.where(_spread(finite), affine_codes(quotient, BITS), 0)
         tl.store(scale_ptrs, _stored_bits(scale, finite, W_DTYPE), mask=g_mask)
-        tl.store(b_ptr + rows[:, None] * n_groups + group[None, :], _stored_bits(bias, finite, W_DTYPE),
+        tl.store(b_ptr + row[:, None] * n_groups + group[None, :], _stored_bits(bias, finite, W_DTYPE),
                  mask=g_mask)
     elif MODE == 3:  # nvfp4: e4m3 block scale of amax / 6 (times the tensor scale's encode factor)
-        s = _amax_over(g, 6.0, W_DTYPE, INTERPRET)
+        amax = _group_max(tl.abs(g))
+        finite = amax < float("inf")
+        s = _block_scale_target(amax, 6.0, W_DTYPE, INTERPRET)
         if HAS_ENCODE:
             encode = tl.load(encode_ptr)
-            scale_byte = e4m3_encode(s * encode)
+            scale_byte = e4m3_encode(s * encode, not INTERPRET)
         else:
-            scale_byte = e4m3_encode(s)
+            scale_byte = e4m3_encode(s, not INTERPRET)
         block_scale = e4m3_value(scale_byte)
-        q = round_to(tl.math.div_rn(g, block_scale[:, :, None]), W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
+        inv_scale = tl.math.div_rn(tl.full(block_scale.shape, 1.0, tl.float32), block_scale)
+        unused = ~(block_scale > 0.0) | ~finite  # empty blocks (0 / 0) and NaN scales (s * encode overflowed)
+        safe = fast_division_safe(amax, block_scale, inv_scale) | unused
+        q = divide_tile(g, _spread(block_scale), _spread(inv_scale), safe, INTERPRET)
+        q = round_to(q, W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
         if HAS_ENCODE:
             q = q * encode
-        q = tl.where((block_scale == 0.0)[:, :, None] | ~finite[:, :, None], 0.0, q)
+        q = tl.where(_spread(unused), 0.0, q)  # code 0, as the codec's NaN -> 0
         codes = e2m1_encode(q)
         scale = tl.where(finite, scale_byte, 0x7F)
     else:  # mxfp4 / mxfp8: the power of two at or above amax / element max
-        s = _amax_over(g, 6.0 if MODE == 1 else 448.0, W_DTYPE, INTERPRET)
+        amax = _group_max(tl.abs(g))
+        finite = amax < float("inf")
+        s = _block_scale_target(amax, 6.0 if MODE == 1 else 448.0, W_DTYPE, INTERPRET)
         exponent = tl.where(finite, e8m0_exponent_ceil(s), 0)
         scale_byte = tl.minimum(tl.maximum(exponent + 127, 0), 254)
-        q = g * power_of_two(127 - scale_byte)[:, :, None]
-        q = tl.where(finite[:, :, None], q, 0.0)
-        codes = e2m1_encode(q) if MODE == 1 else e4m3_encode(q)
+        q = g * _spread(power_of_two(127 - scale_byte))
+        q = tl.where(_spread(finite), q, 0.0)
+        codes = e2m1_encode(q) if MODE == 1 else e4m3_encode(q, not INTERPRET)
         scale = tl.where(finite, scale_byte, 0xFF)
 
     if FAKE:  # quantize-dequantize: code value times the block scale, exact in float32 (dequantize's numerics)
-        values = values_of(codes, scale[:, :, None], scale[:, :, None], MODE, tl.float32, INTERPRET)
-        values = tl.reshape(values, (BLOCK_R, BLOCK_C))
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], _stored_bits(values, values == values, OUT_DTYPE),
-                 mask=mask)
+        values = values_of(codes, _spread(scale), _spread(scale), MODE, tl.float32, INTERPRET)
+        tl.store(out_ptr + (row * K)[None, :, None, None] + col, _stored_bits(values, values == values, OUT_DTYPE),
+                 mask=_spread(g_mask))
     else:
         if MODE != 0:
             tl.store(scale_ptrs, scale.to(tl.uint8), mask=g_mask)
-        _store_packed(q_ptr, tl.reshape(codes, (BLOCK_R, BLOCK_C)), rows, r_mask, col0, K, K * BITS // 32,
-                      BLOCK_R, BLOCK_C, BITS)
+        _store_packed(q_ptr, codes, row, r_mask, group, K, K * BITS // 32, GS, VEC, BLOCK_R, G, BITS)
 
 
-def _tile(k: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps); BLOCK_C covers whole groups and whole 32-code runs (K is a multiple of both
-    the group size and, for 3/5/6 bits, 32). LOWBIT_QUANT_TILE="R,C,warps" overrides (a benchmark knob)."""
+# Before Triton 3.7 the coalescing pass breaks ties between equally contiguous axes first-axis-first (see _load_tile).
+_COALESCE_TIES_FIRST_AXIS_FIRST = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+
+
+# (values a thread, warps) of the default tile, from the H200 tile sweep (benchmarks/quantize_bench.py --sweep):
+# 64 values a thread (two or more groups) gives the affine and mxfp4 encoders more independent work; mxfp8 (whose
+# encode is one instruction per two values) and nvfp4 (more registers a group) do best with 32.
+_DEFAULT_TILE = {"affine": (64, 4), "mxfp4": (64, 4), "mxfp8": (32, 4), "nvfp4": (32, 2)}
+
+
+def _tile(k: int, mode: str, group_size: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, VEC, num_warps): VEC values of w make a 16-byte load; BLOCK_C covers whole groups (K is a
+    multiple of the group size, and of 32 for 3/5/6 bits); BLOCK_R rows give each thread its share of values.
+    LOWBIT_QUANT_TILE="R,C,warps" overrides (a benchmark knob)."""
+    vec = min(16 // itemsize, group_size)
     override = os.environ.get("LOWBIT_QUANT_TILE")
     if override:
         r, c, warps = (int(v) for v in override.split(","))
-        return r, c, warps
-    return 16, min(256, triton.next_power_of_2(max(k, 128))), 4
+        return r, c, vec, warps
+    per_thread, warps = _DEFAULT_TILE[mode]
+    block_c = min(256, triton.next_power_of_2(max(k, group_size)))
+    return max(1, 32 * warps * per_thread // block_c), block_c, vec, warps
 
 
 def _encode_factor(global_scale, device):
@@ -170,19 +262,20 @@ def _launch(w, mode, group_size, bits, global_scale, q, scales, biases, out):
     n_rows = rows.shape[0]
     if n_rows == 0 or k == 0:
         return
-    block_r, block_c, warps = _tile(k)
+    block_r, block_c, vec, warps = _tile(k, mode, group_size, w.element_size())
     encode = _encode_factor(global_scale, w.device)
     if mode == "affine":  # float outputs are written as their bits (see _stored_bits)
         scales, biases = _bits_view(scales), _bits_view(biases)
     if out is not None:
         out = _bits_view(out)
     dummy = scales if scales is not None else out
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(k, block_c))
-    quantize_kernel[grid](
+    n_col_tiles = triton.cdiv(k, block_c)
+    quantize_kernel[(triton.cdiv(n_rows, block_r) * n_col_tiles,)](
         rows, dummy if q is None else q.view(torch.int32), dummy, dummy if biases is None else biases,
-        dummy if out is None else out, dummy if encode is None else encode, n_rows, k, *rows.stride(),
+        dummy if out is None else out, dummy if encode is None else encode, n_rows, k, *rows.stride(), n_col_tiles,
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, W_DTYPE=TL_DTYPES[w.dtype], HAS_ENCODE=encode is not None,
-        FAKE=out is not None, OUT_DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c, INTERPRET=interpreting(),
+        FAKE=out is not None, OUT_DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c, VEC=vec,
+        ROWS_OUTER=_COALESCE_TIES_FIRST_AXIS_FIRST, INTERPRET=interpreting(),
         num_warps=warps,
     )
 
