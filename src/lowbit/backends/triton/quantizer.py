@@ -1,8 +1,10 @@
 """quantize on the device: one Triton kernel for every format, byte-identical to lowbit.formats (the CPU path).
 
 Each program reads a tile of BLOCK_R rows by BLOCK_C values once, finds each group's scale (and bias), encodes the
-codes and writes the packed words and the scales. The same kernel can instead write the quantize-dequantize of its
-input (`fake_quantize`): the activations of qqmm, quantized on the fly, in one pass.
+codes and writes the packed words and the scales. A thread owns whole groups (see `_quantize_tile`), so the work
+is a thread's own register arithmetic: that, not memory, is what bounds the kernel (benchmarks/NOTES.md, v8).
+The same kernel can instead write the quantize-dequantize of its input (`fake_quantize`): the activations of
+qqmm, quantized on the fly, in one pass.
 """
 
 from __future__ import annotations
