@@ -225,23 +225,20 @@ def _from_switch_mlp(model: nn.Module, tensors: dict) -> None:
         switch = _switch_mlp_path(path)
         if f"{switch}.gate_proj.weight" not in tensors or f"{path}.gate_up_proj" in tensors:
             continue
-        if f"{switch}.gate_proj.scales" not in tensors and f"{switch}.up_proj.scales" not in tensors:
-            tensors[f"{path}.gate_up_proj"] = torch.cat(
-                [tensors.pop(f"{switch}.gate_proj.weight"), tensors.pop(f"{switch}.up_proj.weight")], -2)
-            tensors[f"{path}.down_proj"] = tensors.pop(f"{switch}.down_proj.weight")
-            continue
+        quantized = f"{switch}.gate_proj.scales" in tensors or f"{switch}.up_proj.scales" in tensors
         for suffix in ("weight", "scales", "biases", "global_scale"):
             gate = tensors.pop(f"{switch}.gate_proj.{suffix}", None)
             up = tensors.pop(f"{switch}.up_proj.{suffix}", None)
             down = tensors.pop(f"{switch}.down_proj.{suffix}", None)
+            tail = f".{suffix}" if quantized else ""  # float experts are transformers' bare parameters
             if down is not None:
-                tensors[f"{path}.down_proj.{suffix}"] = down
+                tensors[f"{path}.down_proj{tail}"] = down
             if gate is None and up is None:
                 continue
             if gate is None or up is None or (suffix == "global_scale" and not torch.equal(gate, up)):
                 raise ValueError(f"[load_quantized] {switch}.gate_proj and up_proj must be quantized alike to load "
                                  f"into {path}.gate_up_proj; their {suffix} differ.")
-            tensors[f"{path}.gate_up_proj.{suffix}"] = gate if suffix == "global_scale" else torch.cat([gate, up], -2)
+            tensors[f"{path}.gate_up_proj{tail}"] = gate if suffix == "global_scale" else torch.cat([gate, up], -2)
 
 
 def _dequantize_into_float(model: nn.Module, tensors: dict, quantization: dict) -> None:

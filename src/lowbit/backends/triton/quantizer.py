@@ -50,13 +50,13 @@ def _spread(t):
 
 
 @triton.jit
-def _store_packed(q_ptr, codes, row, r_mask, group, K, n_words, GS: tl.constexpr, VEC: tl.constexpr,
+def _store_packed(q_ptr, codes, row, group, g_mask, n_words, GS: tl.constexpr, VEC: tl.constexpr,
                   BLOCK_R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
     """Pack int32 codes (V, R, G, VEC) into MLX's little-endian bit stream and store the words; code (v, r, g, e)
     is value v * VEC + e of group `group[g]` of row `row[r]`. Every word is built from one thread's registers, so
     the shifts are constants and the packing is a few integer instructions per code."""
     V: tl.constexpr = GS // VEC
-    mask = (r_mask[:, None] & (group * GS < K)[None, :])[None, :, :]
+    mask = g_mask[None, :, :]
     base = q_ptr + (row[:, None] * n_words)[None, :, :]
     if 32 % BITS == 0:  # whole codes per word
         PER: tl.constexpr = 32 // BITS
@@ -113,15 +113,13 @@ def _tile_place(tile, n_col_tiles, n_rows, K, BLOCK_R: tl.constexpr, G: tl.const
 
 
 @triton.jit
-def _load_tile(w_ptr, tile, n_col_tiles, n_rows, K, sw_r, sw_c, pos,
-               BLOCK_R: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, ROWS_OUTER: tl.constexpr):
+def _load_tile(w_ptr, row, group, g_mask, sw_r, sw_c, pos, GS: tl.constexpr, ROWS_OUTER: tl.constexpr):
     """The raw values (V, R, G, VEC) of a tile.
 
     Triton's coalescing pass lays the axes of a load across threads fastest-first: the contiguous VEC axis, then,
     among axes of equal contiguity, the last one first (Triton 3.7 on) or the first one first (before 3.7). The
     threads must go along R and G (a thread owns whole groups), not along V: with ROWS_OUTER (Triton < 3.7) the
     load is issued as (R, G, V, VEC) and its result permuted back, which moves no data."""
-    row, group, g_mask = _tile_place(tile, n_col_tiles, n_rows, K, BLOCK_R, G, GS)
     offsets = (row * sw_r)[None, :, None, None] + ((group * GS)[None, None, :, None] + pos) * sw_c
     mask = tl.broadcast_to(_spread(g_mask), offsets.shape)
     if ROWS_OUTER:
@@ -145,14 +143,14 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
     G: tl.constexpr = BLOCK_C // GS
     V: tl.constexpr = GS // VEC
     pos = tl.arange(0, V)[:, None, None, None] * VEC + tl.arange(0, VEC)[None, None, None, :]  # value in its group
-    tile = tl.program_id(0)
-    raw = _load_tile(w_ptr, tile, n_col_tiles, n_rows, K, sw_r, sw_c, pos, BLOCK_R, G, GS, ROWS_OUTER)
-    _quantize_tile(raw, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, n_col_tiles,
+    row, group, g_mask = _tile_place(tl.program_id(0), n_col_tiles, n_rows, K, BLOCK_R, G, GS)
+    raw = _load_tile(w_ptr, row, group, g_mask, sw_r, sw_c, pos, GS, ROWS_OUTER)
+    _quantize_tile(raw, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K,
                    MODE, BITS, GS, W_DTYPE, HAS_ENCODE, FAKE, OUT_DTYPE, BLOCK_R, G, VEC, INTERPRET)
 
 
 @triton.jit
-def _quantize_tile(g, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, n_col_tiles,
+def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K,
                    MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
                    HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
                    BLOCK_R: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, INTERPRET: tl.constexpr):
@@ -160,14 +158,14 @@ def _quantize_tile(g, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_row
     w). Triton lays the R and G axes across threads and V, VEC in each thread's registers, so a thread owns whole
     groups (or, for large groups, a warp owns part of each): the group reductions, the scale arithmetic and the
     packing need little or no data from other threads."""
-    row, group, g_mask = _tile_place(tile, n_col_tiles, n_rows, K, BLOCK_R, G, GS)
-    r_mask = row < n_rows
     col = (group * GS)[None, None, :, None] + pos
     if W_DTYPE == tl.bfloat16:  # widened from the bits (the interpreter's own conversion flushes subnormals)
         g = (g.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     g = g.to(tl.float32)
-    n_groups = K // GS
-    scale_ptrs = s_ptr + row[:, None] * n_groups + group[None, :]
+    group_offsets = row[:, None] * (K // GS) + group[None, :]  # of the scales and biases
+    if MODE != 0:  # the fp formats' block scales come from each group's amax (NaN or inf: a non-finite group)
+        amax = _group_max(tl.abs(g))
+        finite = amax < float("inf")
 
     if MODE == 0:  # affine
         lo = group_min_keeping_first_zero(g, pos, GS) if BITS == 1 else _group_min(g)
@@ -179,12 +177,9 @@ def _quantize_tile(g, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_row
         safe = fast_division_safe(reach, scale, inv_scale) | ~finite  # (non-finite groups: codes 0 below)
         quotient = divide_tile(g - _spread(bias), _spread(scale), _spread(inv_scale), safe, INTERPRET)
         codes = tl.where(_spread(finite), affine_codes(quotient, BITS), 0)
-        tl.store(scale_ptrs, _stored_bits(scale, finite, W_DTYPE), mask=g_mask)
-        tl.store(b_ptr + row[:, None] * n_groups + group[None, :], _stored_bits(bias, finite, W_DTYPE),
-                 mask=g_mask)
+        tl.store(s_ptr + group_offsets, _stored_bits(scale, finite, W_DTYPE), mask=g_mask)
+        tl.store(b_ptr + group_offsets, _stored_bits(bias, finite, W_DTYPE), mask=g_mask)
     elif MODE == 3:  # nvfp4: e4m3 block scale of amax / 6 (times the tensor scale's encode factor)
-        amax = _group_max(tl.abs(g))
-        finite = amax < float("inf")
         s = _block_scale_target(amax, 6.0, W_DTYPE, INTERPRET)
         if HAS_ENCODE:
             encode = tl.load(encode_ptr)
@@ -203,8 +198,6 @@ def _quantize_tile(g, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_row
         codes = e2m1_encode(q)
         scale = tl.where(finite, scale_byte, 0x7F)
     else:  # mxfp4 / mxfp8: the power of two at or above amax / element max
-        amax = _group_max(tl.abs(g))
-        finite = amax < float("inf")
         s = _block_scale_target(amax, 6.0 if MODE == 1 else 448.0, W_DTYPE, INTERPRET)
         exponent = tl.where(finite, e8m0_exponent_ceil(s), 0)
         scale_byte = tl.minimum(tl.maximum(exponent + 127, 0), 254)
@@ -219,8 +212,8 @@ def _quantize_tile(g, tile, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_row
                  mask=_spread(g_mask))
     else:
         if MODE != 0:
-            tl.store(scale_ptrs, scale.to(tl.uint8), mask=g_mask)
-        _store_packed(q_ptr, codes, row, r_mask, group, K, K * BITS // 32, GS, VEC, BLOCK_R, G, BITS)
+            tl.store(s_ptr + group_offsets, scale.to(tl.uint8), mask=g_mask)
+        _store_packed(q_ptr, codes, row, group, g_mask, K * BITS // 32, GS, VEC, BLOCK_R, G, BITS)
 
 
 # Before Triton 3.7 the coalescing pass breaks ties between equally contiguous axes first-axis-first (see _load_tile).
