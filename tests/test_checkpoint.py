@@ -10,6 +10,7 @@ import torch
 
 import lowbit
 from lowbit.models import load_quantized, load_tensors, read_config, save_quantized
+from lowbit.models.checkpoint import _with_mlx_lm_keys
 
 from conftest import mx, same_bits, to_torch
 
@@ -172,18 +173,15 @@ def _qwen3_moe(tie: bool, seed=0):
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
-def _mlx_lm_config(model) -> dict:
-    """The model's config with the keys mlx-lm 0.32.2 reads that transformers 5 writes elsewhere."""
-    config = model.config.to_dict()
-    config.setdefault("num_experts", model.config.num_experts)
-    config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    return config
-
-
 def _save_for_mlx_lm(model, path):
-    """save_pretrained, with the config keys mlx-lm reads that transformers 5 writes elsewhere."""
+    """The float model for mlx-lm's own quantize_model: save_pretrained, its config given the keys mlx-lm reads
+    (transformers 5 writes others) by the function save_quantized uses."""
     model.save_pretrained(path)
-    (path / "config.json").write_text(json.dumps(_mlx_lm_config(model)))
+    (path / "config.json").write_text(json.dumps(_with_mlx_lm_keys(read_config(path))))
+
+
+def _router_buffers(module) -> dict:
+    return {t: getattr(module, t) for t in ("weight", "scales", "biases")}
 
 
 @pytest.mark.parametrize("mode,group_size,bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4)])
@@ -191,8 +189,8 @@ def _save_for_mlx_lm(model, path):
 def test_mlx_lm_moe_checkpoint_loads_into_transformers(tmp_path, mode, group_size, bits, tie):
     """An mlx-lm Qwen3-MoE checkpoint (experts as switch_mlp.{gate,up,down}_proj, 8-bit routers, no head tensors
     when tied) in transformers' Qwen3MoeForCausalLM: experts become QuantizedExperts (gate and up rows
-    concatenated), routers (bare weights in transformers) take their dequantized weight, a tied head follows the
-    quantized embedding; logits equal mlx-lm's own model's."""
+    concatenated), routers (bare weights in transformers) QuantizedRouters holding mlx-lm's bytes, a tied head
+    follows the quantized embedding; logits equal mlx-lm's own model's."""
     import numpy as np
 
     _save_for_mlx_lm(_qwen3_moe(tie), tmp_path / "float")
@@ -206,9 +204,10 @@ def test_mlx_lm_moe_checkpoint_loads_into_transformers(tmp_path, mode, group_siz
     stored = load_tensors(tmp_path / "mlx")
     gate, up = (stored[f"model.layers.1.mlp.switch_mlp.{p}_proj.weight"] for p in ("gate", "up"))
     assert same_bits(model.model.layers[1].mlp.experts.gate_up_proj.weight, torch.cat([gate, up], 1))
-    router = lowbit.dequantize(*(stored[f"model.layers.0.mlp.gate.{t}"] for t in ("weight", "scales", "biases")),
-                               64, 8, dtype=torch.float32)
-    assert same_bits(model.model.layers[0].mlp.gate.weight.detach(), router)
+    router = model.model.layers[0].mlp.gate
+    assert isinstance(router, lowbit.nn.QuantizedRouter) and (router.group_size, router.bits) == (64, 8)
+    for name, t in _router_buffers(router).items():
+        assert same_bits(t, stored[f"model.layers.0.mlp.gate.{name}"]), name
 
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -264,14 +263,14 @@ MOE_SAVES = [("affine", 64, 4, False), ("mxfp4", 32, 4, False), ("nvfp4", 16, 4,
 
 @pytest.mark.parametrize("mode,group_size,bits,global_scale", MOE_SAVES)
 def test_lowbit_moe_checkpoint_loads_in_mlx_lm(tmp_path, mode, group_size, bits, global_scale):
-    """A transformers Qwen3-MoE quantized by lowbit is saved under mlx-lm's names: mlx-lm's own loader builds its
-    model from it holding lowbit's bytes (gate_up_proj's rows split into switch_mlp's gate_proj and up_proj, the
-    per-expert tensor scale on both) and computes lowbit's logits; the quantization block is the one mlx-lm's
-    quantize_model writes (global_scale entries on each switch_mlp projection), less the router's entry: the router
-    (a bare weight in transformers) stays float, which mlx-lm reads as a float linear."""
+    """A transformers Qwen3-MoE quantized by lowbit is saved under mlx-lm's names, its config as transformers writes
+    it: mlx-lm's own loader builds its model from the directory as written, holding lowbit's bytes (gate_up_proj's
+    rows split into switch_mlp's gate_proj and up_proj, the per-expert tensor scale on both; the 8-bit routers as
+    mlx-lm's quantized gate linears) and computes lowbit's logits; the quantization block is the one mlx-lm's
+    quantize_model writes (8-bit g64 gates, global_scale entries on each switch_mlp projection)."""
     model = _qwen3_moe(tie=False)
     quantization = lowbit.quantize_model(model, group_size, bits, mode, global_scale=global_scale)
-    save_quantized(model, tmp_path / "lowbit", quantization, _mlx_lm_config(model))
+    save_quantized(model, tmp_path / "lowbit", quantization, model.config.to_dict())
     saved = load_tensors(tmp_path / "lowbit")
     assert not [name for name in saved if ".experts." in name]
 
@@ -289,15 +288,17 @@ def test_lowbit_moe_checkpoint_loads_in_mlx_lm(tmp_path, mode, group_size, bits,
             assert same_bits(gate_up, gate if suffix == "global_scale" else torch.cat([gate, up], 1)), suffix
             assert suffix != "global_scale" or same_bits(up, gate_up)
             assert same_bits(down, held[f"{switch}.down_proj.{suffix}"]), suffix
-        assert same_bits(layer.mlp.gate.weight.detach(), held[f"model.layers.{i}.mlp.gate.weight"])
+        assert isinstance(layer.mlp.gate, lowbit.nn.QuantizedRouter)
+        for name, t in _router_buffers(layer.mlp.gate).items():
+            assert same_bits(t, held[f"model.layers.{i}.mlp.gate.{name}"]), name
 
     _save_for_mlx_lm(_qwen3_moe(tie=False), tmp_path / "float")
     _, theirs = _mlx_checkpoint(tmp_path / "float", tmp_path / "mlx", group_size, bits, mode)
     if global_scale:  # (mlx-lm's quantize_model takes global_scale, _mlx_checkpoint does not pass it)
         _, theirs = mlx_lm_utils.quantize_model(*mlx_lm_utils.load_model(tmp_path / "float"), group_size, bits,
                                                  mode=mode, global_scale=True)
-    routers = {f"model.layers.{i}.mlp.gate" for i in range(2)}
-    expected = {k: v for k, v in theirs["quantization"].items() if k not in routers}
+    assert theirs["quantization"]["model.layers.1.mlp.gate"] == {"group_size": 64, "bits": 8}
+    expected = _as_read_by_mlx_lm(theirs["quantization"])
     assert mlx_config["quantization"] == expected == read_config(tmp_path / "lowbit")["quantization_config"]
     if not global_scale:  # (MLX's CPU gather_qmm takes no global scale: "only supported on the GPU")
         _logits_match(model, mlx_model)
@@ -308,10 +309,11 @@ def test_lowbit_moe_checkpoint_round_trips(tmp_path):
     bit for bit, and its logits exactly; nvfp4 with a tensor scale per expert, the case with most tensors."""
     model = _qwen3_moe(tie=True)
     quantization = lowbit.quantize_model(model, mode="nvfp4", global_scale=True)
-    save_quantized(model, tmp_path / "ckpt", quantization, _mlx_lm_config(model))
+    save_quantized(model, tmp_path / "ckpt", quantization, model.config.to_dict())
     fresh = _qwen3_moe(tie=True, seed=2)
     load_quantized(fresh, tmp_path / "ckpt")
     assert isinstance(fresh.model.layers[1].mlp.experts, lowbit.nn.QuantizedExperts)
+    assert isinstance(fresh.model.layers[1].mlp.gate, lowbit.nn.QuantizedRouter)
     _assert_same_tensors(fresh.state_dict(), model.state_dict())
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -324,7 +326,7 @@ def test_moe_with_float_experts_saved_for_mlx_lm(tmp_path):
     model = _qwen3_moe(tie=False)
     quantization = lowbit.quantize_model(model, config={"re:.*experts": False})
     assert quantization["model.layers.0.mlp.experts"] is False
-    save_quantized(model, tmp_path / "ckpt", quantization, _mlx_lm_config(model))
+    save_quantized(model, tmp_path / "ckpt", quantization, model.config.to_dict())
     mlx_model, mlx_config = mlx_lm_utils.load_model(tmp_path / "ckpt")
     assert mlx_config["quantization"]["model.layers.0.mlp.switch_mlp.up_proj"] is False
     held = _mlx_tensors(mlx_model)
@@ -338,24 +340,94 @@ def test_moe_with_float_experts_saved_for_mlx_lm(tmp_path):
 
 
 def test_mlx_lm_moe_checkpoint_saved_again_loads_in_mlx_lm(tmp_path):
-    """An mlx-lm checkpoint loaded by lowbit and saved again: the experts are mlx-lm's bytes under mlx-lm's names;
-    the 8-bit routers, which transformers holds as their dequantized weight, are written float with a False entry
-    (the block said 8-bit, for which mlx-lm would expect scales), so mlx-lm loads it and gives its own logits."""
+    """An mlx-lm checkpoint loaded by lowbit and saved again is mlx-lm's checkpoint: the same tensors bit for bit
+    (experts and 8-bit routers under mlx-lm's names) and the same quantization block; mlx-lm loads it and gives its
+    own logits."""
     _save_for_mlx_lm(_qwen3_moe(tie=False), tmp_path / "float")
     mlx_model, mlx_config = _mlx_checkpoint(tmp_path / "float", tmp_path / "mlx", 64, 4, "affine")
     model = _qwen3_moe(tie=False, seed=1)
     load_quantized(model, tmp_path / "mlx")
-    save_quantized(model, tmp_path / "again", mlx_config["quantization"], _mlx_lm_config(model))
-    again, original = load_tensors(tmp_path / "again"), load_tensors(tmp_path / "mlx")
-    routers = [f"model.layers.{i}.mlp.gate" for i in range(2)]
-    for router in routers:
-        assert read_config(tmp_path / "again")["quantization"][router] is False
-        assert again.pop(f"{router}.weight").is_floating_point()
-        original = {k: v for k, v in original.items() if not k.startswith(f"{router}.")}
-    _assert_same_tensors(again, original)
+    save_quantized(model, tmp_path / "again", mlx_config["quantization"], model.config.to_dict())
+    _assert_same_tensors(load_tensors(tmp_path / "again"), load_tensors(tmp_path / "mlx"))
+    assert read_config(tmp_path / "again")["quantization"] == mlx_config["quantization"]
     reloaded, _ = mlx_lm_utils.load_model(tmp_path / "again")
     _logits_match(model, reloaded)
     _logits_match(model, mlx_model)
+
+
+def test_routers_kept_float_or_at_global_parameters_load_in_mlx_lm(tmp_path):
+    """A router kept float (config False) is written float with a False entry; with router=None it takes the global
+    4 bits and no entry (mlx-lm infers them from the tensors). mlx-lm loads either as written with lowbit's logits,
+    and lowbit loads either back exactly, as well as older lowbit checkpoints (float gates, no entry)."""
+    models = {}
+    for name, kwargs in (("float", {"config": {"re:.*mlp\\.gate": False}}), ("global", {"router": None})):
+        model = models[name] = _qwen3_moe(tie=False)
+        quantization = lowbit.quantize_model(model, **kwargs)
+        save_quantized(model, tmp_path / name, quantization, model.config.to_dict())
+        block = read_config(tmp_path / name)["quantization"]
+        gate = model.model.layers[0].mlp.gate
+        if name == "float":
+            assert block["model.layers.0.mlp.gate"] is False and isinstance(gate.weight, torch.nn.Parameter)
+            assert load_tensors(tmp_path / name)["model.layers.0.mlp.gate.weight"].is_floating_point()
+        else:
+            assert "model.layers.0.mlp.gate" not in block and gate.bits == 4
+        mlx_model, _ = mlx_lm_utils.load_model(tmp_path / name)
+        _assert_same_tensors(_mlx_tensors(mlx_model), load_tensors(tmp_path / name))
+        _logits_match(model, mlx_model)
+        fresh = _qwen3_moe(tie=False, seed=2)
+        load_quantized(fresh, tmp_path / name)
+        assert type(fresh.model.layers[1].mlp.gate) is type(model.model.layers[1].mlp.gate)
+        _assert_same_tensors(fresh.state_dict(), model.state_dict())
+    # lowbit's checkpoints before routers were quantized: a float gate and no entry at all
+    config = read_config(tmp_path / "float")
+    config["quantization"] = config["quantization_config"] = {
+        k: v for k, v in config["quantization"].items() if not k.endswith("mlp.gate")}
+    (tmp_path / "float" / "config.json").write_text(json.dumps(config))
+    fresh = _qwen3_moe(tie=False, seed=3)
+    load_quantized(fresh, tmp_path / "float")
+    assert isinstance(fresh.model.layers[0].mlp.gate.weight, torch.nn.Parameter)
+    _assert_same_tensors(fresh.state_dict(), models["float"].state_dict())
+
+
+def test_config_gets_the_keys_mlx_lm_reads(tmp_path):
+    """save_quantized adds num_experts, rope_theta, rope_scaling (non-default rope types) and head_dim where
+    transformers 5 writes num_local_experts and rope_parameters, never overwriting a key; transformers reads the
+    written config back unchanged, and mlx-lm's model args get the values transformers uses."""
+    import mlx_lm.models.llama as mlx_llama
+
+    model = _qwen3_moe(tie=False)
+    config = model.config.to_dict()
+    assert "num_experts" not in config and config.get("rope_theta") is None and config.get("head_dim") == 32
+    save_quantized(model, tmp_path / "moe", lowbit.quantize_model(model), config)
+    written = read_config(tmp_path / "moe")
+    assert (written["num_experts"], written["rope_theta"], written["head_dim"]) == (8, 10000.0, 32)
+    assert "rope_scaling" not in written and written["num_local_experts"] == 8
+    again = transformers.AutoConfig.from_pretrained(tmp_path / "moe")
+    assert (again.num_local_experts, again.head_dim, again.rope_parameters) == (8, 32, config["rope_parameters"])
+    import mlx_lm.models.qwen3_moe as mlx_qwen3_moe
+
+    args = mlx_qwen3_moe.ModelArgs.from_dict(written)
+    assert (args.num_experts, args.rope_theta, args.head_dim) == (8, 10000.0, 32)
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    llama = _llama()
+    llama.config.rope_parameters = rope
+    del llama.config.head_dim
+    config = llama.config.to_dict()
+    assert "head_dim" not in config
+    save_quantized(llama, tmp_path / "llama", lowbit.quantize_model(llama), config)
+    written = read_config(tmp_path / "llama")
+    assert (written["rope_theta"], written["rope_scaling"], written["head_dim"]) == (500000.0, rope, 32)
+    assert "num_experts" not in written
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "llama").rope_parameters == rope
+    args = mlx_llama.ModelArgs.from_dict(written)  # (llama's defaults: rope_theta 10000, no scaling)
+    assert (args.rope_theta, args.rope_scaling) == (500000.0, rope)
+
+    present = {"num_local_experts": 8, "num_experts": 4, "rope_theta": 1.0, "rope_scaling": {"type": "linear"},
+               "rope_parameters": {"rope_type": "yarn", "rope_theta": 2.0}, "hidden_size": 64,
+               "num_attention_heads": 4, "head_dim": 32}
+    assert _with_mlx_lm_keys(present) == present  # keys present are never overwritten
 
 
 def test_save_rejects_experts_that_cannot_be_split(tmp_path):

@@ -109,6 +109,27 @@ def test_compiled_model_fullgraph_one_graph_for_every_length(mode, gs, bits):
         assert torch.equal(a, b)
 
 
+def test_transformers_moe_block_with_quantized_router_compiles():
+    """A transformers Qwen3-MoE block with its bare-weight router quantized (QuantizedRouter runs the router's own
+    forward, whose F.linear its weight's stand-in serves) compiles with fullgraph=True and gives eager's bits."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = transformers.Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1)
+    lowbit.quantize_model(block)
+    assert isinstance(block.gate, lowbit.nn.QuantizedRouter)
+    inputs = [torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)) for n in (3, 9, 40)]
+    with torch.no_grad():
+        _, outs = _graph_count(block, inputs)  # (fullgraph=True: no graph break)
+        for x, out in zip(inputs, outs):
+            assert torch.equal(out, block(x))
+
+
 def test_inductor_compiled_linear_equals_eager():
     layer = QuantizedLinear.from_linear(nn.Linear(128, 96), 64, 4, "affine")
     torch._dynamo.reset()

@@ -27,10 +27,12 @@ from torch import nn
 
 import lowbit
 from lowbit.nn import (
+    ROUTER_PARAMS,
     QQLinear,
     QuantizedEmbedding,
     QuantizedExperts,
     QuantizedLinear,
+    QuantizedRouter,
     QuantizedSwitchLinear,
     QuantizedWeight,
     SwitchGLU,
@@ -785,7 +787,7 @@ def put_back_dequantized(float_model: nn.Module, quantized: nn.Module) -> None:
                 target = float_model.get_submodule(path)
                 target.gate_up_proj.copy_(w_hat(module.gate_up_proj))
                 target.down_proj.copy_(w_hat(module.down_proj))
-            elif isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            elif isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedRouter)):
                 float_model.get_submodule(path).weight.copy_(w_hat(module))
 
 
@@ -798,8 +800,8 @@ def test_quantized_experts_match_qwen3_moe_experts(fmt):
     reference = copy.deepcopy(block)
     result = quantize_model(block, gs, bits, mode)
     assert isinstance(block.experts, QuantizedExperts)
-    assert isinstance(block.gate, moe.Qwen3MoeTopKRouter)  # the router is no nn.Linear: left as it is
-    assert result == {"group_size": gs, "bits": bits, "mode": mode}
+    assert isinstance(block.gate, QuantizedRouter) and isinstance(block.gate.router, moe.Qwen3MoeTopKRouter)
+    assert result == {"group_size": gs, "bits": bits, "mode": mode, "gate": ROUTER_PARAMS}
     qe = block.experts
     assert qe.gate_up_proj.weight.shape == (8, 128, 64 * bits // 32)
     assert same_bits(qe.gate_up_proj.weight, quantize3(reference.experts.gate_up_proj.detach(), gs, bits, mode)[0])
@@ -862,6 +864,140 @@ def test_qwen3_moe_causal_lm():
         exact = float_model(ids).logits
     assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     assert F.cosine_similarity(logits.flatten(), exact.flatten(), dim=0) > 0.99
+
+
+def qwen3_router(seed: int, **kw):
+    moe = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
+    return randomize(moe.Qwen3MoeTopKRouter(qwen3_moe_config(**kw)), seed, scale=0.3)
+
+
+def test_quantized_router_keeps_the_transformers_forward():
+    """Qwen3-MoE's router quantized at 8 bits: its logits are lowbit.quantized_matmul's (bit for bit), i.e.
+    x @ dequantize(w).T; softmax, top-k and normalization are the router's own (equal to the float router holding
+    the dequantized weight), and it picks the float router's experts wherever the float choice is not near a tie."""
+    float_router = qwen3_router(50)
+    dequantized = copy.deepcopy(float_router)
+    router = QuantizedRouter.from_router(copy.deepcopy(float_router), 64, 8)
+    assert (router.group_size, router.bits, router.mode) == (64, 8, "affine") and router.quantization() == ROUTER_PARAMS
+    x = randn(make_gen(51), 2, 40, 64)
+    with torch.no_grad():
+        dequantized.weight.copy_(w_hat(router))
+        logits, scores, index = router(x)
+        ref_logits, ref_scores, ref_index = dequantized(x)
+        float_logits, _, float_index = float_router(x)
+    assert same_bits(logits, lowbit.quantized_matmul(x.reshape(-1, 64), router.weight, router.scales, router.biases,
+                                                     group_size=64, bits=8))
+    assert_close(logits, linear_oracle(x.reshape(-1, 64), w_hat(router)), atol=1e-5)
+    assert torch.equal(index, ref_index)
+    assert_close(scores, ref_scores, atol=1e-6)
+    assert (logits - float_logits).abs().max() < 1e-2 * float_logits.abs().max()  # (8-bit weights)
+    top = torch.softmax(float_logits, -1).sort(-1, descending=True).values
+    clear = top[:, 1] - top[:, 2] > 1e-2  # the float router's 2nd and 3rd experts are apart
+    assert clear.sum() >= 60  # (of 80 tokens: the comparison below is not vacuous)
+    assert torch.equal(index[clear].sort(-1).values, float_index[clear].sort(-1).values)
+
+
+def test_quantized_router_buffers_state_dict_and_copies():
+    router = QuantizedRouter.from_router(qwen3_router(52), 64, 8)
+    assert {k: v.dtype for k, v in router.state_dict().items()} == {
+        "weight": torch.uint32, "scales": torch.float32, "biases": torch.float32}
+    x = randn(make_gen(53), 7, 64)
+    with torch.no_grad():
+        out = router(x)
+        # an empty router of the same shapes takes the state_dict (as a checkpoint fills it), through torch.save
+        blob = io.BytesIO()
+        torch.save(router.state_dict(), blob)
+        blob.seek(0)
+        fresh = QuantizedRouter(qwen3_router(54), 64, 8)
+        fresh.load_state_dict(torch.load(blob))
+        twin = copy.deepcopy(router)
+        for other in (fresh, twin):
+            assert all(torch.equal(a, b) for a, b in zip(other(x), out))
+        float_router = router.dequantize()
+        assert type(float_router) is type(router.router) and torch.equal(float_router.weight, w_hat(router).float())
+        assert all(torch.equal(a, b) for a, b in zip(router(x), out))  # (unchanged by dequantize)
+        router.to(torch.bfloat16)
+        logits, scores, _ = router(x.bfloat16())
+    assert router.scales.dtype == torch.bfloat16 and router.weight.dtype == torch.uint32
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(scores).all()
+
+
+class CastingRouter(nn.Module):
+    """A router projecting in float32 as DeepSeek-V2's and Ernie-4.5's do in transformers."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return F.linear(x.type(torch.float32), self.weight.type(torch.float32)).softmax(-1)
+
+
+class MatmulRouter(CastingRouter):
+    def forward(self, x):
+        return torch.matmul(x, self.weight)
+
+
+def test_quantized_router_serves_float_casts_and_refuses_other_uses():
+    gen = make_gen(55)
+    w, x = randn(gen, 8, 64, dtype=torch.bfloat16), randn(gen, 5, 64, dtype=torch.bfloat16)
+    router = QuantizedRouter.from_router(CastingRouter(w.clone()), 64, 8)
+    with torch.no_grad():
+        probs = router(x)
+    assert probs.dtype == torch.float32
+    expected = lowbit.quantized_matmul(x.float(), router.weight, router.scales, router.biases, group_size=64, bits=8)
+    assert same_bits(probs, expected.softmax(-1))
+    with pytest.raises(ValueError, match=r"\[QuantizedRouter\].*matmul.*only F\.linear"):
+        QuantizedRouter.from_router(MatmulRouter(w.clone()), 64, 8)(x)
+    with pytest.raises(ValueError, match=r"\[QuantizedRouter\].*2-D float weight.*Linear"):
+        QuantizedRouter(nn.Linear(64, 8, bias=False))
+
+
+class RouterWithState(CastingRouter):
+    """A router holding more than its weight (DeepSeek-V3's e_score_correction_bias): not converted."""
+
+    def __init__(self, weight):
+        super().__init__(weight)
+        self.register_buffer("e_score_correction_bias", torch.zeros(weight.shape[0]))
+
+
+def test_quantize_model_bare_routers_follow_router_config_and_predicate():
+    """Bare-weight routers are decided exactly as linear routers: ROUTER_PARAMS by default, the global parameters
+    with router=None, config and predicate first; quantize_input is refused for them; a router holding more than
+    its weight, or a bare weight at another path, stays as it is."""
+    moe = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
+
+    def block():
+        b = randomize(moe.Qwen3MoeSparseMoeBlock(qwen3_moe_config()), 56)
+        b.shared_expert_gate = RouterWithState(torch.randn(1, 64))
+        b.mixer = CastingRouter(torch.randn(8, 64))  # no router path
+        return b
+
+    eight = (64, 8, "affine")  # ROUTER_PARAMS
+    cases = [  # (quantize_model's arguments, the gate's (group_size, bits, mode) or None: float, its entry)
+        ({}, eight, ROUTER_PARAMS),
+        ({"router": None}, (64, 4, "affine"), None),
+        ({"router": {"group_size": 32, "bits": 6}}, (32, 6, "affine"), {"group_size": 32, "bits": 6, "mode": "affine"}),
+        ({"mode": "nvfp4", "global_scale": True}, eight, ROUTER_PARAMS),
+        ({"router": None, "mode": "nvfp4", "global_scale": True}, (16, 4, "nvfp4"), None),  # (no tensor scale)
+        ({"config": {"gate": {"bits": 3}}}, (64, 3, "affine"), {"group_size": 64, "bits": 3, "mode": "affine"}),
+        ({"config": {"re:ga.*": False}}, None, False),
+        ({"predicate": lambda path, m: path != "gate"}, None, False),
+    ]
+    for kwargs, params, entry in cases:
+        b = block()
+        result = quantize_model(b, **kwargs)
+        assert result.get("gate") == entry and "shared_expert_gate" not in result and "mixer" not in result, kwargs
+        assert type(b.shared_expert_gate) is RouterWithState and type(b.mixer) is CastingRouter
+        if params is None:
+            assert isinstance(b.gate, moe.Qwen3MoeTopKRouter) and isinstance(b.gate.weight, nn.Parameter)
+        else:
+            assert isinstance(b.gate, QuantizedRouter) and params_of(b.gate)[1:] == params, kwargs
+            assert b.gate.global_scale is None
+    b = block()
+    with pytest.raises(ValueError, match=r"\[quantize_model\] 'gate': quantize_input applies to linears"):
+        quantize_model(b, config={"gate": {"mode": "nvfp4", "quantize_input": True}})
+    assert isinstance(b.gate, moe.Qwen3MoeTopKRouter) and isinstance(b.experts, moe.Qwen3MoeExperts)
 
 
 # -------------------------------------------------------------------------------------------------- quantize_model

@@ -10,7 +10,9 @@ each layer as mlx-lm does: its entry in the quantization block if it has one, el
 
 Mixture-of-experts blocks are written and read under mlx-lm's names: transformers' stacked
 `<block>.experts.gate_up_proj` (gate rows, then up rows) and `.down_proj` are mlx-lm's
-`<block>.switch_mlp.{gate,up,down}_proj`, so `mlx_lm.load` reads what `save_quantized` writes.
+`<block>.switch_mlp.{gate,up,down}_proj`, and a QuantizedRouter (transformers' bare-weight router, quantized) is
+mlx-lm's quantized `<block>.gate` linear, so `mlx_lm.load` reads what `save_quantized` writes. The config gets the
+keys mlx-lm reads where transformers 5 writes others (`_with_mlx_lm_keys`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from torch import nn
 
 from .. import ops
 from ..nn import (
-    QQLinear, QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedSwitchLinear, SwitchLinear, TiedHead,
+    QQLinear, QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedRouter, QuantizedSwitchLinear,
+    SwitchLinear, TiedHead,
 )
 from ..nn.quantize_model import quantizable
+from ..nn.router import is_bare_router
 from ..nn.switch import is_stacked_experts
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
@@ -53,10 +57,11 @@ def save_quantized(model: nn.Module, path: str | Path, quantization: dict, confi
     """Write `model`'s tensors and config.json (with `quantization`, as quantize_model returned it) to `path`.
 
     `config` is the model's own config (for a transformers model: `model.config.to_dict()`); it is written with the
-    quantization block added and mirrored to `quantization_config`, keys sorted, as mlx-lm's save_config does.
-    Stacked experts are written as mlx-lm's `switch_mlp` (their quantization entries too), and a layer the model
-    holds float whose entry says quantized (a router loaded dequantized) is recorded False, so mlx-lm keeps it
-    float: `mlx_lm.load` computes with exactly the weights `model` holds.
+    keys mlx-lm reads added (`_with_mlx_lm_keys`) and the quantization block mirrored to `quantization_config`, keys
+    sorted, as mlx-lm's save_config does. Stacked experts are written as mlx-lm's `switch_mlp` (their quantization
+    entries too), quantized routers as mlx-lm's quantized gate linear, and a layer the model holds float whose
+    entry says quantized is recorded False, so mlx-lm keeps it float: `mlx_lm.load` computes with exactly the
+    weights `model` holds.
     """
     training = [p for p, m in model.named_modules() if isinstance(m, QQLinear) and m.weight.is_floating_point()]
     if training:
@@ -80,10 +85,34 @@ def save_quantized(model: nn.Module, path: str | Path, quantization: dict, confi
         "weight_map": dict(sorted(weight_map.items())),
     }
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-    config = {k: v for k, v in dict(config or {}).items() if k != "_name_or_path"}
+    config = {k: v for k, v in _with_mlx_lm_keys(config or {}).items() if k != "_name_or_path"}
     config["quantization"] = quantization
     config["quantization_config"] = quantization
     (path / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+
+
+def _with_mlx_lm_keys(config: dict) -> dict:
+    """`config` with the keys mlx-lm 0.32.2's model args read added where transformers 5 writes them elsewhere, so
+    that `mlx_lm.load` builds the model transformers describes. Without them qwen3_moe's args fail to build
+    (`num_experts`, `rope_theta` and `head_dim` are required), and llama, qwen2(_moe) or mixtral silently take their
+    own default rope_theta and drop the rope scaling. Added when missing (or None), derived from transformers' keys:
+    `num_experts` from `num_local_experts`, `rope_theta` from `rope_parameters`, `rope_scaling` = `rope_parameters`
+    for a rope type other than default (llama3, yarn, ...), `head_dim` = hidden_size // num_attention_heads
+    (transformers' default). Present keys are never overwritten and transformers' keys stay, so transformers reads
+    the config as before."""
+    config = dict(config)
+    rope = config.get("rope_parameters") or {}
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    derived = {
+        "num_experts": config.get("num_local_experts"),
+        "rope_theta": rope.get("rope_theta"),
+        "rope_scaling": rope if rope.get("rope_type", "default") != "default" else None,
+        "head_dim": hidden // heads if hidden and heads else None,
+    }
+    for key, value in derived.items():
+        if config.get(key) is None and value is not None:
+            config[key] = value
+    return config
 
 
 def _switch_mlp_path(experts_path: str) -> str:
@@ -136,8 +165,8 @@ def _to_switch_mlp(tensors: dict[str, torch.Tensor], experts: dict[str, str]) ->
 def _mlx_lm_quantization(quantization: dict, experts: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict:
     """The quantization block as mlx-lm records it for the tensors written: an experts entry becomes one entry
     per switch_mlp projection (mlx-lm's quantize_model records each SwitchLinear, e.g. with global_scale), and a
-    per-layer dict for a layer written float (transformers' bare-weight routers hold their dequantized weight) is
-    False, which mlx-lm's loader reads as "keep float" (it would otherwise expect `<p>.scales`)."""
+    per-layer dict for a layer written float (a bare weight loaded dequantized) is False, which mlx-lm's loader
+    reads as "keep float" (it would otherwise expect `<p>.scales`)."""
     block = {}
     for key, entry in quantization.items():
         weight = tensors.get(f"{key}.weight")
@@ -188,6 +217,8 @@ def _empty_quantized(module: nn.Module, params: dict, path: str, tensors: dict) 
         return _empty_experts(module, path, tensors)
     gs, bits, mode = params["group_size"], params["bits"], params.get("mode", "affine")
     global_scale = bool(params.get("global_scale")) or f"{path}.global_scale" in tensors
+    if is_bare_router(module):
+        return QuantizedRouter(module, gs, bits, mode, global_scale)
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, gs, bits, mode,
                                   dtype=module.weight.dtype if module.weight.dtype.is_floating_point else None)
@@ -242,9 +273,9 @@ def _from_switch_mlp(model: nn.Module, tensors: dict) -> None:
 
 
 def _dequantize_into_float(model: nn.Module, tensors: dict, quantization: dict) -> None:
-    """Quantized tensors whose module stays float in the torch model (transformers' routers hold a bare weight
-    parameter, where mlx-lm has a quantized linear) are loaded as their dequantized weight: the exact values the
-    quantized layer computes with."""
+    """Quantized tensors whose module stays float in the torch model (a bare weight parameter that is no router
+    quantize_model converts, where mlx-lm has a quantized linear) are loaded as their dequantized weight: the exact
+    values the quantized layer computes with."""
     parameters = dict(model.named_parameters())
     for name in [k for k in tensors if k.endswith(".scales")]:
         path = name[: -len(".scales")]
@@ -280,7 +311,8 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> d
     """Make `model` (the float architecture, e.g. a transformers model built from the checkpoint's config) hold
     the checkpoint in `path`: its quantized layers become lowbit modules and every tensor is assigned as stored
     (dtypes kept). mlx-lm's names for stacked experts (`switch_mlp`) load into transformers' `experts`, quantized
-    routers that transformers keeps as bare weights load dequantized, and tied heads follow their embedding.
+    routers that transformers keeps as bare weights become QuantizedRouters (routers recorded False stay float),
+    and tied heads follow their embedding.
     Returns the checkpoint's config."""
     config = read_config(path)
     tensors = load_tensors(path)
@@ -290,7 +322,7 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> d
                          f"loads MLX-format quantization blocks (group_size / bits / mode).")
     _from_switch_mlp(model, tensors)
     ties = _tied_heads(model, tensors)
-    candidates = [(p, m) for p, m in model.named_modules() if quantizable(m)]
+    candidates = [(p, m) for p, m in model.named_modules() if quantizable(m, p)]
     for p, module in candidates:
         entry = quantization.get(p)
         if entry is False or p in ties:

@@ -5,7 +5,9 @@ Per layer, the first that speaks decides (mlx-lm's conventions where it has them
    parameters or to False (keep float);
 2. `predicate(path, module)`: True (the global parameters), False (keep float) or a dict of parameters;
 3. routers (`router`; by default paths ending in `gate`, `router`, `shared_expert_gate` or `router.proj`, which pick
-   the experts) get 8-bit affine, group 64, as mlx-lm: a 4-bit router picks the wrong experts;
+   the experts) get 8-bit affine, group 64, as mlx-lm: a 4-bit router picks the wrong experts. Routers that are
+   linears become QuantizedLinear; transformers' routers holding a bare weight (Qwen3-MoE's `mlp.gate`) become
+   QuantizedRouter, which keeps their forward (softmax, top-k) and projects with the quantized weight;
 4. otherwise the global `group_size`, `bits`, `mode`.
 A dict holds the layer's whole parameters, as in mlx-lm configs: without "mode" it means affine, and a missing
 group_size or bits is the mode's default. Layers whose input size is not a multiple of their group size stay float
@@ -25,6 +27,7 @@ from torch import nn
 from ..formats import resolve_params
 from .embedding import QuantizedEmbedding, TiedHead
 from .linear import ACTIVATION_MODES, QQLinear, QuantizedLinear
+from .router import QuantizedRouter, is_bare_router
 from .switch import QuantizedExperts, SwitchLinear, is_stacked_experts
 from .weights import QuantizedWeight
 
@@ -55,9 +58,13 @@ def _input_dims(module: nn.Module) -> int:
     return module.weight.shape[-1]
 
 
-def quantizable(module: nn.Module) -> bool:
+def quantizable(module: nn.Module, path: str = "") -> bool:
+    """A layer quantize_model converts: linears, embeddings, expert stacks, and bare-weight routers at a router
+    path."""
     if isinstance(module, QuantizedWeight):
         return False
+    if is_bare_router(module):
+        return ROUTER_PATH.fullmatch(path) is not None
     return isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear)) or is_stacked_experts(module)
 
 
@@ -72,6 +79,8 @@ def _convert(module: nn.Module, params: dict) -> nn.Module:
         return QuantizedLinear.from_linear(module, gs, bits, mode, global_scale)
     if isinstance(module, SwitchLinear):
         return module.to_quantized(gs, bits, mode, global_scale)
+    if is_bare_router(module):
+        return QuantizedRouter.from_router(module, gs, bits, mode, global_scale)
     return QuantizedExperts.from_experts(module, gs, bits, mode, global_scale)
 
 
@@ -91,7 +100,7 @@ def quantize_model(
 
     `quantize_input` turns linears into QQLinear (activations quantized on the fly; nvfp4, mxfp8, mxfp4).
     `global_scale` (nvfp4) gives stacked experts one tensor scale per expert, as mlx-lm. `router=None` treats
-    router layers like any other.
+    router layers (linears and bare-weight routers alike) like any other.
     """
     op = "quantize_model"
     if not isinstance(model, nn.Module):
@@ -113,7 +122,8 @@ def quantize_model(
                 return value
         if predicate is not None:
             return predicate(path, module)
-        if router is not None and isinstance(module, nn.Linear) and ROUTER_PATH.fullmatch(path):
+        if router is not None and (isinstance(module, nn.Linear) or is_bare_router(module)) \
+                and ROUTER_PATH.fullmatch(path):
             return dict(router)
         return True
 
@@ -124,7 +134,7 @@ def quantize_model(
     for path, module in model.named_modules():
         if any(path.startswith(done + ".") for done, _ in candidates):
             continue  # inside a module already chosen (an experts module's children)
-        if quantizable(module):
+        if quantizable(module, path):
             candidates.append((path, module))
 
     plan = []  # every decision is made and checked before the first layer changes
@@ -137,10 +147,13 @@ def quantize_model(
             params = dict(defaults)
             if quantize_input and isinstance(module, nn.Linear):
                 params["quantize_input"] = True
-            if global_scale and not isinstance(module, (nn.Linear, nn.Embedding)):
-                params["global_scale"] = True  # one tensor scale per expert, as mlx-lm (linears: none)
+            if global_scale and (isinstance(module, SwitchLinear) or is_stacked_experts(module)):
+                params["global_scale"] = True  # one tensor scale per expert, as mlx-lm (linears, routers: none)
         elif isinstance(choice, dict):
             params = _full_params(op, choice, path)
+            if params.get("quantize_input") and is_bare_router(module):
+                raise ValueError(f"[{op}] {path!r}: quantize_input applies to linears, not to a router holding a "
+                                 f"bare weight ({type(module).__name__}).")
         else:
             raise ValueError(f"[{op}] The decision for {path!r} must be True, False or a dict but got {choice!r}.")
         if _input_dims(module) % params["group_size"]:
