@@ -188,6 +188,30 @@ def test_blocks_per_step_do_not_change_bits(monkeypatch, mode, gs, bits, dtype, 
     assert same_bits(outputs[1], outputs[0]) and same_bits(outputs[2], outputs[0])
 
 
+@pytest.mark.skipif(not GPU, reason="the packed decoders are inline PTX")
+@pytest.mark.parametrize("mode, gs, bits, dtype", PACKED_FORMATS[:6])
+@pytest.mark.parametrize("blocks", ["1", "2"])
+def test_x_reordered_in_the_kernel_or_before_gives_the_same_bits(monkeypatch, mode, gs, bits, dtype, blocks, gen):
+    """Decode tiles read x slot-major from a reordered copy or reorder x's natural order per K block in the kernel:
+    the same operand, so the same bits. K ends one group short of a block's end; x is strided (every other
+    column of a wider tensor) and its rows are gathered, for plain and gathered products."""
+    k = 13 * block_k(bits, gs, True) - gs
+    w = quantize3(randn(3, 192, k, gen=gen, scale=k**-0.5, dtype=dtype), gs, bits, mode)
+    x = randn(5, 2 * k, gen=gen, dtype=dtype)[:, ::2]
+    idx = torch.randint(0, 3, (5, 2), generator=gen).to(DEVICE)
+    tune(monkeypatch, "LOWBIT_QMM_BLOCKS", blocks)
+    outputs = []
+    for in_kernel in ("1", "0"):
+        tune(monkeypatch, "LOWBIT_QMM_X_IN_KERNEL", in_kernel)
+        plain = lowbit.quantized_matmul(x, *(t if t is None else t[0] for t in w), True, gs, bits, mode)
+        gathered = lowbit.gather_qmm(x[:, None, None], *w, rhs_indices=idx, transpose=True, group_size=gs, bits=bits,
+                                     mode=mode)
+        outputs.append((plain, gathered))
+    w_hat = dequantize_f64(w, gs, bits, mode).to(DEVICE)
+    assert rel_err(outputs[0][0], x.double() @ w_hat[0].T) < 1e-2
+    assert same_bits(outputs[0][0], outputs[1][0]) and same_bits(outputs[0][1], outputs[1][1])
+
+
 @pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("mxfp4", 32, 4), ("affine", 64, 8), ("nvfp4", 16, 4)])
 @pytest.mark.parametrize("transpose", [True, False])
 def test_splits_in_the_grid_or_in_one_program_give_the_same_bits(monkeypatch, mode, gs, bits, transpose, gen):

@@ -38,14 +38,17 @@ def _plane_dot(partial, plane, x_block, m_mask, SLOT: tl.constexpr, PACKS: tl.co
 
 
 @triton.jit
-def _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n, n_mask, sw_r, sw_c,
+def _nt_block(partial, x_ptr, x_rows, sx_k, w_base, scale, bias, kb, K, m_mask, offs_n, n_mask, sw_r, sw_c,
               MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, PER_PACK: tl.constexpr, WORDS: tl.constexpr,
               SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-              BLOCKS: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, INTERPRET: tl.constexpr):
+              BLOCKS: tl.constexpr, PACKED: tl.constexpr, UNROLL_SLOTS: tl.constexpr, X_SLOT_MAJOR: tl.constexpr,
+              INTERPRET: tl.constexpr):
     """K blocks kb .. kb + BLOCKS - 1 of a transpose=True product (w is (N, K), codes along K), in canonical order.
 
-    Every word is loaded once; x arrives slot-major (reduction.slot_major), so each plane's x is contiguous;
-    x_rows holds each token column's offset into x; scale and bias are the blocks' (N, BLOCKS * GROUPS) tiles,
+    Every word is loaded once. x arrives slot-major (reduction.slot_major), so each plane's x is contiguous, or
+    (X_SLOT_MAJOR false: PACKED only) as given, reordered per block in the kernel (no pass over x before the
+    launch: decode, where that pass is a launch of its own); x_rows holds each token column's offset into x;
+    scale and bias are the blocks' (N, BLOCKS * GROUPS) tiles,
     loaded one step ahead by the caller. K here ends the caller's split: blocks past it read as zeros (BLOCKS > 1
     only with PACKED)."""
     PACKS: tl.constexpr = BLOCK_K // PER_PACK
@@ -56,10 +59,15 @@ def _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, K, m_mask, offs_n
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, BLOCKS * GROUPS, BLOCKS * PACKS,
                                                        DOT_DTYPE)
         tile = slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS, BLOCKS)
-        # x is slot-major and zero-padded to whole blocks: only blocks past the split's last one are masked
         k = kb * BLOCK_K + tl.arange(0, BLOCKS * BLOCK_K)
-        x_mask = tl.max_constancy((k < tl.cdiv(K, BLOCK_K) * BLOCK_K)[:, None] & m_mask[None, :], [BLOCK_K, 1])
-        x_t = tl.load(x_ptr + x_rows[None, :] + k[:, None], mask=x_mask, other=0.0)
+        if X_SLOT_MAJOR:  # zero-padded to whole blocks: only blocks past the split's last one are masked
+            x_mask = tl.max_constancy((k < tl.cdiv(K, BLOCK_K) * BLOCK_K)[:, None] & m_mask[None, :], [BLOCK_K, 1])
+            x_t = tl.load(x_ptr + x_rows[None, :] + k[:, None], mask=x_mask, other=0.0)
+        else:  # x as given, in natural order: each block is reordered slot-major here (pack, slot -> slot, pack)
+            x_mask = tl.max_constancy((k < K)[:, None] & m_mask[None, :], [GS, 1])
+            x_t = tl.load(x_ptr + x_rows[None, :] + k[:, None] * sx_k, mask=x_mask, other=0.0)
+            x_t = tl.reshape(x_t, (BLOCKS, PACKS, PER_PACK, x_t.shape[1]))
+            x_t = tl.reshape(tl.permute(x_t, (0, 2, 1, 3)), (BLOCKS * BLOCK_K, x_t.shape[3]))
         partial = tl.dot(tile, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
     else:  # plane by plane in slot order, each against its contiguous slice of x
         x_block = x_ptr + x_rows[None, :] + kb * BLOCK_K + tl.arange(0, PACKS)[:, None]
@@ -90,7 +98,7 @@ def qmm_kernel(
     SPLITS: tl.constexpr, SPLIT_IN_GRID: tl.constexpr, SCALE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ROUTING: tl.constexpr, PACKED: tl.constexpr, BLOCKS: tl.constexpr, UNROLL_SLOTS: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    X_SLOT_MAJOR: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One tile of (BLOCK_N weights of one weight matrix) x (up to BLOCK_M output rows that use it), over all of K
     or one split of it.
@@ -164,9 +172,10 @@ def qmm_kernel(
             if TRANSPOSE:
                 next_scale, next_bias = block_scales(s_base, b_base, kb + BLOCKS, k_stop, offs_n, n_mask, ss_r, ss_c,
                                                      sb_r, sb_c, MODE, GS, BLOCK_K, BLOCKS)
-                partial = _nt_block(partial, x_ptr, x_rows, w_base, scale, bias, kb, k_stop, m_mask, offs_n,
-                                    n_mask, sw_r, sw_c, MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE, DOT_DTYPE,
-                                    PRECISION, BLOCK_K, BLOCKS, PACKED, UNROLL_SLOTS, INTERPRET)
+                partial = _nt_block(partial, x_ptr, x_rows, sx_k, w_base, scale, bias, kb, k_stop, m_mask,
+                                    offs_n, n_mask, sw_r, sw_c, MODE, BITS, GS, PER_PACK, WORDS, SCALE_DTYPE,
+                                    DOT_DTYPE, PRECISION, BLOCK_K, BLOCKS, PACKED, UNROLL_SLOTS, X_SLOT_MAJOR,
+                                    INTERPRET)
                 scale = next_scale
                 bias = next_bias
             else:  # w is (K, N): rows run along K, codes along N
@@ -301,6 +310,13 @@ class _Plan:
         # program runs several splits in one loop (a step must not straddle a split's end).
         blocks = int(os.environ.get("LOWBIT_QMM_BLOCKS", 2 if bk == group_size else 1)) if packed else 1
         blocks = 1 if splits > 1 and not split_in_grid else blocks
+        # Where x is reordered slot-major: by a pass before the launch (a launch of its own), or per K block in the
+        # kernel. Measured on an H200 at M = 1-16 (decode tiles, packed decoders): in the kernel, mxfp4 and nvfp4
+        # decode 3-21% faster (fewer registers), affine 4-bit 3-15% slower on the Llama MLP shapes; wider row tiles
+        # share one reordered copy. LOWBIT_QMM_X_IN_KERNEL (0 / 1) overrides for those decode tiles (a knob).
+        x_in_kernel = packed and block_m <= 16 and not self.prefill
+        x_in_kernel = x_in_kernel and bool(int(os.environ.get("LOWBIT_QMM_X_IN_KERNEL", int(mode != "affine"))))
+        self.x_slot_major = transpose and not x_in_kernel
         if routing == GROUPED:
             self.row_tiles = schedule_bound(n_rows, n_weights, block_m)
         elif routing == PER_ITEM:
@@ -317,7 +333,7 @@ class _Plan:
             SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
             DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, BLOCKS=blocks,
-            UNROLL_SLOTS=unroll_slots, INTERPRET=interpret,
+            UNROLL_SLOTS=unroll_slots, X_SLOT_MAJOR=self.x_slot_major, INTERPRET=interpret,
         )
 
 
@@ -393,7 +409,7 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         return out
     if k == 0:
         return out.zero_()
-    if transpose:
+    if plan.x_slot_major:
         x = slot_major(x, bits, plan.bk)
     if plan.prefill:
         prefill_qmm(out[0], x[0].contiguous(), w_q, scales, biases, global_scale, transpose, *plan.prefill_args)

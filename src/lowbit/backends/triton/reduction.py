@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .decode import pack_geometry
+from .launch import launcher
 
 PACKS_PER_BLOCK = 16  # transpose=True: a K block is at least 16 packs, so each plane's dot has K >= 16
 BLOCK_K_NN = 128  # transpose=False: K rows per block
@@ -66,7 +67,6 @@ def slot_major(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     n_rows = b * m
     if n_rows and blocks:
         block_r = 32
-        slot_major_kernel[(triton.cdiv(n_rows, block_r), blocks)](
-            x, out, n_rows, m, k, blocks * block, *x.stride(), PER_PACK=per_pack, PACKS=block // per_pack,
-            BLOCK_R=block_r, num_warps=4)
+        launch = launcher(slot_major_kernel, 4, 3, PER_PACK=per_pack, PACKS=block // per_pack, BLOCK_R=block_r)
+        launch((triton.cdiv(n_rows, block_r), blocks), x, out, n_rows, m, k, blocks * block, *x.stride())
     return out

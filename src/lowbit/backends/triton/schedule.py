@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launcher
+
 CHUNK = 4096  # rows of the sorted list per program
 
 
@@ -73,7 +75,6 @@ def schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int, bound: int
     tile_chunk = max(1, min(32, 4096 // weights))  # row tiles per program, each compared with every weight
     tile_programs = triton.cdiv(bound, tile_chunk)
     grid = (tile_programs + triton.cdiv(n_items * m, CHUNK),)  # the tile table, then the row list, in slices
-    schedule_kernel[grid](counts, order, rows, tile_w, tile_start, tile_rows, n_items, m, n_weights, bound,
-                          tile_programs, BLOCK_M=block_m, WEIGHTS=weights, CHUNK=CHUNK, TILE_CHUNK=tile_chunk,
-                          num_warps=4)
+    launch = launcher(schedule_kernel, 4, 3, BLOCK_M=block_m, WEIGHTS=weights, CHUNK=CHUNK, TILE_CHUNK=tile_chunk)
+    launch(grid, counts, order, rows, tile_w, tile_start, tile_rows, n_items, m, n_weights, bound, tile_programs)
     return rows, tile_w, tile_start, tile_rows
