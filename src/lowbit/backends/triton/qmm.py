@@ -47,10 +47,9 @@ def _nt_block(partial, x_ptr, x_rows, sx_k, w_base, scale, bias, kb, K, m_mask, 
 
     Every word is loaded once. x arrives slot-major (reduction.slot_major), so each plane's x is contiguous, or
     (X_SLOT_MAJOR false: PACKED only) as given, reordered per block in the kernel (no pass over x before the
-    launch: decode, where that pass is a launch of its own); x_rows holds each token column's offset into x;
-    scale and bias are the blocks' (N, BLOCKS * GROUPS) tiles,
-    loaded one step ahead by the caller. K here ends the caller's split: blocks past it read as zeros (BLOCKS > 1
-    only with PACKED)."""
+    launch: at decode that pass is a launch of its own); x_rows holds each token column's offset into x. scale and
+    bias are the blocks' (N, BLOCKS * GROUPS) tiles, loaded one step ahead by the caller. K here ends the caller's
+    split: blocks past it read as zeros (BLOCKS > 1 only with PACKED)."""
     PACKS: tl.constexpr = BLOCK_K // PER_PACK
     GROUPS: tl.constexpr = BLOCK_K // GS
     w0, w1, w2, w3, w4 = block_words(w_base, kb * PACKS, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS,
