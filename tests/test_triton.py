@@ -1,11 +1,14 @@
 """The Triton kernels: on the GPU when there is one, else interpreted on CPU tensors (TRITON_INTERPRET=1, small
-shapes). Every path against the float64 oracle `x @ dequantize(w).T`, and rows bit-identical across batch sizes."""
+shapes). Every path against the float64 oracle `x @ dequantize(w).T`, and rows bit-identical across batch sizes.
+Under the interpreter the weights are quantized by the torch reference (see `reference_quantize`)."""
 
+import contextlib
 import os
 
 import pytest
 import torch
-from conftest import dequantize_f64, quantize3, same_bits
+from conftest import dequantize_f64, same_bits
+from conftest import quantize3 as quantize3_by_backend
 
 import lowbit
 from lowbit.formats import dequantize_groups, quantize_groups
@@ -29,6 +32,40 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("LOWBIT_BACKEND", "triton")
     yield
     forget_plans()  # (a test's tuning knobs must not outlive it)
+
+
+@contextlib.contextmanager
+def reference_quantize():
+    """Within, under the interpreter, lowbit.quantize runs the torch reference; on the GPU, the quantize kernel.
+    These tests' subject is the matmul kernels, whose oracle dequantizes the same weights whoever quantized them;
+    the quantize kernel's bytes equal the reference's (test_triton_quantize: every format, dtype and edge case),
+    and the interpreter runs that kernel at ~60 us a value (its NaN-propagating group max is a value-by-value
+    Python loop): it was over half of this file's interpreted time. Activations (qqmm) still go through the
+    kernel, against an oracle of their own."""
+    if GPU:
+        yield
+        return
+    before = os.environ.get("LOWBIT_BACKEND")
+    os.environ["LOWBIT_BACKEND"] = "cpu"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LOWBIT_BACKEND"]
+        else:
+            os.environ["LOWBIT_BACKEND"] = before
+
+
+def quantize3(*args, **kwargs):
+    """conftest.quantize3 for the weights of these tests (see `reference_quantize`)."""
+    with reference_quantize():
+        return quantize3_by_backend(*args, **kwargs)
+
+
+def quantize(*args, **kwargs):
+    """lowbit.quantize for the weights of these tests (see `reference_quantize`)."""
+    with reference_quantize():
+        return lowbit.quantize(*args, **kwargs)
 
 
 def tune(monkeypatch, name, value):
@@ -396,7 +433,7 @@ def test_gather_qmm_one_tensor_scale_for_all_experts(per_expert, gen):
     for k in (64, 2048):  # one K split, several
         w = randn(experts, n, k, gen=gen)
         g = (w.abs().amax((1, 2)) if per_expert else w.abs().max().reshape(1)).float()
-        q = [lowbit.quantize(w[e], mode="nvfp4", global_scale=g[e if per_expert else 0]) for e in range(experts)]
+        q = [quantize(w[e], mode="nvfp4", global_scale=g[e if per_expert else 0]) for e in range(experts)]
         w_q, scales = torch.stack([t[0] for t in q]), torch.stack([t[1] for t in q])
         w_hat = torch.stack([dequantize_f64((w_q[e], scales[e], None), mode="nvfp4",
                                             global_scale=g[e if per_expert else 0]) for e in range(experts)])
@@ -423,7 +460,7 @@ def test_qqmm_matches_the_fake_quantized_oracle(mode, gs, bits, dtype, gen):
     """qqmm = quantize-dequantize(x) @ dequantize(w).T, any M, every x dtype; gather_qqmm per routed expert."""
     n, k = 67, gs * 9
     w = randn(3, n, k, gen=gen, scale=k**-0.5)
-    w_q, scales = lowbit.quantize(w, mode=mode)
+    w_q, scales = quantize(w, mode=mode)
     w_hat = dequantize_f64((w_q, scales, None), mode=mode)
     for m in (1, 5):
         x = randn(m, k, gen=gen, dtype=dtype)
@@ -444,7 +481,7 @@ def test_qqmm_float16_tensor_scales_no_overflow(tensor_scale, gen):
     w = randn(16, k, gen=gen, scale=tensor_scale)
     x = randn(3, k, gen=gen, scale=1 / tensor_scale, dtype=torch.float16).clamp(-6e4, 6e4)
     gw, gx = w.abs().max().float().reshape(1), x.abs().max().float().reshape(1)
-    w_q, scales = lowbit.quantize(w, mode="nvfp4", global_scale=gw)
+    w_q, scales = quantize(w, mode="nvfp4", global_scale=gw)
     w_hat = dequantize_f64((w_q, scales, None), mode="nvfp4", global_scale=gw).to(DEVICE)
     y = lowbit.qqmm(x, w_q, scales, mode="nvfp4", global_scale_x=gx, global_scale_w=gw)
     ref = fake_quantized_f64(x, "nvfp4", gx) @ w_hat.T

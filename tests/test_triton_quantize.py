@@ -101,6 +101,48 @@ def test_load_axis_order_gives_the_same_bytes(monkeypatch, mode, gs, bits, rows_
         assert same_bits(a, b.to(DEVICE))
 
 
+@pytest.mark.parametrize("mode, gs, bits", [("affine", 64, 4), ("affine", 32, 3), ("mxfp8", 32, 8), ("nvfp4", 16, 4)])
+def test_every_tile_gives_the_same_bytes(monkeypatch, mode, gs, bits, gen):
+    """The tile never changes the bytes: the GPU's default tile (rows and the second column tile masked past the
+    input; the interpreter's own tile is cut to the input), small tiles of two groups, and a tile wider than K."""
+    from lowbit.backends.triton import quantizer
+    per_thread, warps = quantizer._DEFAULT_TILE[mode]
+    tiles = [(32 * warps * per_thread // 256, 256, warps), (4, 2 * gs, 4), (16, 512, 4)]
+    w = hard_weight(12, 384, gs, torch.bfloat16, gen).to(DEVICE)
+    monkeypatch.setenv("LOWBIT_BACKEND", "cpu")
+    theirs = lowbit.quantize(w, gs, bits, mode)
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    for tile in tiles:
+        monkeypatch.setenv("LOWBIT_QUANT_TILE", ",".join(map(str, tile)))
+        for a, b in zip(lowbit.quantize(w, gs, bits, mode), theirs):
+            assert same_bits(a, b.to(DEVICE)), tile
+
+
+def test_tile_choice(monkeypatch):
+    """The GPU's tile is the mode's default whatever the row count; the interpreter's is cut to the input (its cost
+    is every value of every tile, padding included) and never larger than the GPU's in either axis."""
+    from lowbit.backends.triton import quantizer
+    monkeypatch.delenv("LOWBIT_QUANT_TILE", raising=False)
+    interpret = [False]
+    monkeypatch.setattr(quantizer, "interpreting", lambda: interpret[0])
+    assert quantizer._tile(4096, "affine", 64, 2, 14336) == (32, 256, 8, 4)
+    assert quantizer._tile(4096, "affine", 64, 2, 12) == (32, 256, 8, 4)
+    assert quantizer._tile(128, "affine", 32, 4, 12) == (64, 128, 4, 4)
+    assert quantizer._tile(4096, "mxfp8", 32, 2, 3) == (16, 256, 8, 4)
+    assert quantizer._tile(4096, "nvfp4", 16, 4, 3) == (8, 256, 4, 2)
+    interpret[0] = True
+    assert quantizer._tile(4096, "affine", 64, 2, 14336) == (32, 256, 8, 4)  # large inputs: the GPU's tile
+    assert quantizer._tile(128, "affine", 32, 4, 12) == (16, 128, 4, 4)  # 12 rows: 16, not 64
+    assert quantizer._tile(384, "affine", 128, 2, 320) == (32, 128, 8, 4)  # K = 3 groups: no masked columns
+    for rows, k, gs in [(1, 64, 64), (9, 128, 16), (40, 384, 64), (201, 288, 32), (5000, 64, 64)]:
+        for mode in quantizer._DEFAULT_TILE:
+            interpret[0] = False
+            gpu_r, gpu_c, _, _ = quantizer._tile(k, mode, gs, 2, rows)
+            interpret[0] = True
+            r, c, _, _ = quantizer._tile(k, mode, gs, 2, rows)
+            assert r <= min(gpu_r, triton.next_power_of_2(rows)) and c <= gpu_c and c % gs == 0
+
+
 def test_quantize_batched_non_contiguous_and_empty(monkeypatch, gen):
     w = torch.randn(3, 64, 10, generator=gen).to(DEVICE).transpose(-1, -2)  # (3, 10, 64), strided rows
     ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, 32, 4))

@@ -226,10 +226,11 @@ _COALESCE_TIES_FIRST_AXIS_FIRST = tuple(int(v) for v in triton.__version__.split
 _DEFAULT_TILE = {"affine": (64, 4), "mxfp4": (64, 4), "mxfp8": (32, 4), "nvfp4": (32, 2)}
 
 
-def _tile(k: int, mode: str, group_size: int, itemsize: int) -> tuple[int, int, int, int]:
+def _tile(k: int, mode: str, group_size: int, itemsize: int, n_rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_C, VEC, num_warps): VEC values of w make a 16-byte load; BLOCK_C covers whole groups (K is a
     multiple of the group size, and of 32 for 3/5/6 bits); BLOCK_R rows give each thread its share of values.
-    LOWBIT_QUANT_TILE="R,C,warps" overrides (a benchmark knob)."""
+    Under the interpreter the tile is cut to the input (`_interpreter_tile`). LOWBIT_QUANT_TILE="R,C,warps"
+    overrides (a benchmark knob)."""
     vec = min(16 // itemsize, group_size)
     override = os.environ.get("LOWBIT_QUANT_TILE")
     if override:
@@ -237,7 +238,34 @@ def _tile(k: int, mode: str, group_size: int, itemsize: int) -> tuple[int, int, 
         return r, c, vec, warps
     per_thread, warps = _DEFAULT_TILE[mode]
     block_c = min(256, triton.next_power_of_2(max(k, group_size)))
-    return max(1, 32 * warps * per_thread // block_c), block_c, vec, warps
+    block_r = max(1, 32 * warps * per_thread // block_c)
+    if interpreting():
+        block_r, block_c = _interpreter_tile(n_rows, k, group_size, block_r, block_c)
+    return block_r, block_c, vec, warps
+
+
+# The interpreter's cost of a program, in tile values: each value costs about the same (numpy work, and the group
+# max's NaN-propagating reduction, which it runs value by value), padding included; a program's fixed cost is about
+# 600 values' worth (measured: ~36 ms a program, ~60 us a value).
+_INTERPRETER_PROGRAM_COST = 600
+
+
+def _interpreter_tile(n_rows: int, k: int, group_size: int, block_r: int, block_c: int) -> tuple[int, int]:
+    """The interpreter's (BLOCK_R, BLOCK_C): no larger than the GPU's tile in either axis, the one of least cost
+    (programs times their fixed cost plus every value of every tile) for n_rows rows of K. The tile does not change
+    the bytes: every value's arithmetic is the same in any tile."""
+    best = None
+    c = group_size
+    while c <= block_c:
+        r = 1
+        while r <= min(block_r, triton.next_power_of_2(max(n_rows, 1))):
+            programs = triton.cdiv(n_rows, r) * triton.cdiv(k, c)
+            cost = (programs * (_INTERPRETER_PROGRAM_COST + r * c), -r * c)  # ties: the larger tile
+            if best is None or cost < best[0]:
+                best = (cost, r, c)
+            r *= 2
+        c *= 2
+    return best[1], best[2]
 
 
 def _encode_factor(global_scale, device):
@@ -257,7 +285,7 @@ def _launch(w, mode, group_size, bits, global_scale, q, scales, biases, out):
     n_rows = rows.shape[0]
     if n_rows == 0 or k == 0:
         return
-    block_r, block_c, vec, warps = _tile(k, mode, group_size, w.element_size())
+    block_r, block_c, vec, warps = _tile(k, mode, group_size, w.element_size(), n_rows)
     encode = _encode_factor(global_scale, w.device)
     if mode == "affine":  # float outputs are written as their bits (see _stored_bits)
         scales, biases = _bits_view(scales), _bits_view(biases)
