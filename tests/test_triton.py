@@ -14,7 +14,7 @@ import lowbit
 from lowbit.formats import dequantize_groups, quantize_groups
 
 triton = pytest.importorskip("triton")
-from lowbit.backends.triton.qmm import forget_plans  # noqa: E402
+from lowbit.backends.triton.qmm import forget_plans, tuned  # noqa: E402
 from lowbit.backends.triton.reduction import block_k  # noqa: E402
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -34,7 +34,6 @@ def triton_backend(monkeypatch):
     forget_plans()  # (a test's tuning knobs must not outlive it)
 
 
-@contextlib.contextmanager
 def reference_quantize():
     """Within, under the interpreter, lowbit.quantize runs the torch reference; on the GPU, the quantize kernel.
     These tests' subject is the matmul kernels, whose oracle dequantizes the same weights whoever quantized them;
@@ -42,18 +41,7 @@ def reference_quantize():
     and the interpreter runs that kernel at ~60 us a value (its NaN-propagating group max is a value-by-value
     Python loop): it was over half of this file's interpreted time. Activations (qqmm) still go through the
     kernel, against an oracle of their own."""
-    if GPU:
-        yield
-        return
-    before = os.environ.get("LOWBIT_BACKEND")
-    os.environ["LOWBIT_BACKEND"] = "cpu"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["LOWBIT_BACKEND"]
-        else:
-            os.environ["LOWBIT_BACKEND"] = before
+    return contextlib.nullcontext() if GPU else tuned(LOWBIT_BACKEND="cpu")
 
 
 def quantize3(*args, **kwargs):
