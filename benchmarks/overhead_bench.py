@@ -1,6 +1,7 @@
 """Per-call host overhead of a quantized linear at decode (M = 1), eager and compiled, beside torch's nn.Linear.
 
-Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.py [output.md]
+Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.py [output.md] [--eager]
+(--eager: only the eager rows, for quick A/B runs of two trees)
 Host time per call: the median over 5 batches of N/5 calls enqueued back to back without a sync, per call
 (the GPU queue is deep enough that the host never waits on it, so this is the time Python + dispatch + launch cost
 the CPU). GPU time per call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host
@@ -38,12 +39,16 @@ def host_us(call, n=N_CALLS, batches=5) -> float:
 
 
 def main():
+    eager_only = "--eager" in sys.argv
+    output = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
     torch.manual_seed(0)
     rows = []
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     linear = nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         rows.append(("torch nn.Linear bf16", host_us(lambda: linear(x)), graph_time_us([lambda: linear(x)])))
+        rows.append(("torch.empty of the output alone (this host's speed)",
+                     host_us(lambda: torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)), float("nan")))
         for mode, gs, bits in (("affine", 64, 4), ("mxfp4", 32, 4), ("nvfp4", 16, 4)):
             q = QuantizedLinear.from_linear(linear, gs, bits, mode)
             label = f"{mode} g{gs} b{bits}"
@@ -52,6 +57,8 @@ def main():
             rows.append((f"lowbit.quantized_matmul {label}, eager",
                          host_us(lambda q=q: lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits,
                                                                      mode)), gpu))
+            if eager_only:
+                continue
             rows.append((f"torch.ops.lowbit.quantized_matmul {label} (the op a compiled graph calls)",
                          host_us(lambda q=q: torch.ops.lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True,
                                                                               gs, bits, mode, None)), gpu))
@@ -72,8 +79,8 @@ def main():
     ] + [f"| {name} | {h:.1f} | {g:.1f} |" for name, h, g in rows]
     text = "\n".join(lines)
     print(text)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
+    if output:
+        with open(output, "w") as f:
             f.write(text + "\n")
 
 

@@ -18,9 +18,35 @@ from . import cpu, meta
 
 BACKENDS = ("auto", "cpu", "triton")
 
+# os.environ's own storage (POSIX: bytes -> bytes), which it keeps in step with every change made through it: a
+# lookup there costs tens of nanoseconds where os.environ.get costs a microsecond (it encodes the key and goes through
+# the Mapping protocol in Python), and the selection below is read on every call.
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def environment(name: bytes) -> str | None:
+    """os.environ.get(name) for an ASCII variable name given as bytes, read cheaply (see _ENVIRON)."""
+    if _ENVIRON is None:
+        return os.environ.get(name.decode())
+    value = _ENVIRON.get(name)
+    return None if value is None else os.fsdecode(value)
+
+
+def selection() -> tuple:
+    """What backend_for's choice depends on besides the device: LOWBIT_BACKEND, TRITON_INTERPRET (as stored) and the
+    tracing flag (a cache of per-call decisions keys on it)."""
+    if _ENVIRON is None:
+        return os.environ.get("LOWBIT_BACKEND"), os.environ.get("TRITON_INTERPRET"), _TRACING.up
+    return _ENVIRON.get(b"LOWBIT_BACKEND"), _ENVIRON.get(b"TRITON_INTERPRET"), _TRACING.up
+
+
+# The matmul op's prepared products (ops.matmul), by the static facts of the calls they serve. They hold backend
+# decisions (plans, binaries), so they live here, where a backend that forgets its decisions clears them too.
+BOUND_PRODUCTS: dict[tuple, object] = {}
+
 
 def requested_backend() -> str:
-    name = os.environ.get("LOWBIT_BACKEND", "auto").strip().lower() or "auto"
+    name = (environment(b"LOWBIT_BACKEND") or "auto").strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"LOWBIT_BACKEND must be one of {', '.join(BACKENDS)} but got {name!r}.")
     return name
@@ -37,7 +63,7 @@ def _triton_module() -> ModuleType | None:
 
 def interpreting() -> bool:
     """True when Triton kernels run in its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return environment(b"TRITON_INTERPRET") == "1"
 
 
 class _ThreadFlag(threading.local):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..backends import backend_for, tracing_shapes
+from ..backends import BOUND_PRODUCTS, backend_for, selection, tracing_shapes
 from ..formats import ModeSpec, resolve_params
 from ..formats.nvfp4 import tensor_decode_scale
 from . import checks
@@ -263,8 +263,53 @@ def eager_quantized_matmul(
     keep x's dtype. `global_scale` (nvfp4, a float32 scalar) is a lowbit extension.
     """
     op = "quantized_matmul"
+    key = bound = None
+    if not tracing_shapes():
+        try:
+            key = _product_key(x, w, scales, biases, transpose, group_size, bits, mode, global_scale)
+            bound = BOUND_PRODUCTS.get(key, _UNSEEN)
+        except (AttributeError, TypeError):  # not tensors, unhashable parameters: the checks say what is wrong
+            key = None
+        if bound is not None and bound is not _UNSEEN:
+            out = bound(x, w, scales, biases, global_scale)
+            if out is not None:
+                return out
     wt, out_dtype = _checked(op, x, w, scales, biases, transpose, group_size, bits, mode, global_scale)
-    return _matmul(op, x, wt, out_dtype)
+    out = _matmul(op, x, wt, out_dtype)
+    if bound is _UNSEEN:
+        if len(BOUND_PRODUCTS) >= _MAX_PASSED:
+            BOUND_PRODUCTS.clear()
+        BOUND_PRODUCTS[key] = _bind(op, x, wt, out_dtype)
+    return out
+
+
+_UNSEEN = object()
+
+
+def _product_key(x, w, scales, biases, transpose, group_size, bits, mode, global_scale) -> tuple:
+    """Every static fact a quantized_matmul call's checks and path depend on: shapes, strides, dtypes, devices and
+    whether gradients are wanted, the parameters and their types, and the backend selection."""
+    return (
+        x.shape, x.stride(), x.dtype, x.device, x.requires_grad, w.shape, w.stride(), w.dtype, w.device,
+        scales.shape, scales.stride(), scales.dtype, scales.device, scales.requires_grad,
+        None if biases is None else (biases.shape, biases.stride(), biases.dtype, biases.device, biases.requires_grad),
+        None if global_scale is None else (global_scale.shape, global_scale.stride(), global_scale.dtype,
+                                           global_scale.device, global_scale.requires_grad),
+        type(transpose), transpose, type(group_size), group_size, type(bits), bits, type(mode), mode, selection(),
+    )
+
+
+def _bind(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype):
+    """The backend's prepared product for later calls with the facts of this one (see _product_key), or None: the
+    backend has none, the weight is batched, or a gradient is wanted (those calls take the general path)."""
+    tensors = (x, wt.scales, wt.biases, wt.global_scale)
+    if wt.w.ndim != 2 or any(t is not None and t.requires_grad for t in tensors):
+        return None
+    bind = getattr(backend_for(op, x.device), "bind_product", None)
+    if bind is None:
+        return None
+    return bind(x, wt.w, wt.scales, wt.biases, wt.global_scale, wt.transpose, wt.spec.name, wt.group_size, wt.bits,
+                out_dtype)
 
 
 def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:

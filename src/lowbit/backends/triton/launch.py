@@ -60,6 +60,10 @@ class Launcher:
         binary.run(grid[0], grid_1, grid_2, driver.active.get_current_stream(device), binary.function,
                    binary.packed_metadata, None, None, None, *args, *self._tail)
 
+    def binary(self, signature: tuple):
+        """The compiled binary that a launch of this signature (see __call__) runs, None before its first launch."""
+        return self._binaries.get(signature)
+
     def _first_launch(self, grid, args, signature) -> None:
         while True:
             try:
@@ -76,6 +80,46 @@ class Launcher:
         if len(self._binaries) >= _MAX_SIGNATURES:
             self._binaries.clear()
         self._binaries[signature] = binary
+
+
+class BoundLaunch:
+    """A Launcher's launch with everything fixed but the addresses of its tensors: its pointer arguments come first,
+    then integers; `grid` and the integers are fixed, and so are the tensors' dtypes.
+
+    A call takes the tensors (in the kernel's order) and passes their addresses to the compiled binary as integers,
+    which Triton's C launcher takes as they are: no signature of thirty arguments, no `data_ptr()` call and driver
+    pointer query per tensor. The binary is the one the Launcher ran for the same signature (the addresses' 16-byte
+    alignment decides it); a call whose signature has not been launched yet returns False without launching, and the
+    caller takes the general path, which launches (and compiles) it."""
+
+    def __init__(self, launch: Launcher, grid: tuple, dtypes: tuple, ints: tuple):
+        self.launch = launch
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.dtypes = dtypes
+        self.ints = ints
+        self._by_alignment: dict[tuple, object] = {}
+
+    def __call__(self, *tensors: torch.Tensor) -> bool:
+        """Launch on the current stream; False (nothing launched) where the binary is not known yet."""
+        launch = self.launch
+        if not launch.compiled:  # the interpreter: through Triton, every call
+            launch(self.grid, *tensors, *self.ints)
+            return True
+        addresses = [t.data_ptr() for t in tensors]
+        device = torch.cuda.current_device()
+        aligned = (device, *[a % 16 == 0 for a in addresses])
+        binary = self._by_alignment.get(aligned)
+        if binary is None:
+            signature = (device, *zip(self.dtypes, aligned[1:]), *self.ints)
+            binary = launch.binary(signature)
+            if binary is None:
+                return False
+            self._by_alignment[aligned] = binary
+        if _launch_hooks():
+            return False
+        binary.run(*self.grid, driver.active.get_current_stream(device), binary.function, binary.packed_metadata,
+                   None, None, None, *addresses, *self.ints, *launch._tail)
+        return True
 
 
 _LAUNCHERS: dict[tuple, Launcher] = {}

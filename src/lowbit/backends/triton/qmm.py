@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import interpreting, workspace_per_call
+from .. import BOUND_PRODUCTS, interpreting, workspace_per_call
 from .decode import pack_geometry
-from .launch import MODE_IDS, TL_DTYPES, launcher
+from .launch import MODE_IDS, TL_DTYPES, BoundLaunch, launcher
 from .prefill import prefill_qmm
-from .reduction import block_k, k_splits, slot_major
+from .reduction import block_k, k_splits, slot_major, slot_major_launch
 from .schedule import schedule, schedule_bound
 from .tiles import (
     block_scales, block_words, nn_weight_tile, packed_decoding, packed_planes, per_pack, slot_major_tile, slot_plane,
@@ -336,25 +336,36 @@ class _Plan:
         )
 
 
-_ARRIVALS: dict[tuple, torch.Tensor] = {}  # (device, stream) -> that stream's counters
+_WORKSPACES: dict[tuple, list] = {}  # (device, stream) -> [that stream's split partials, its arrival counters]
+_MAX_KEPT_PARTIALS = 4 << 20  # float32 values: larger partials (prefill-sized splits) are allocated per call
 
 
-def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per output tile, for the kernel's split fold.
+def _split_workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 split partials, at least `partials` of them; zeroed int32 arrival counters, one per output tile) for
+    the kernel's split fold.
 
-    The last program of a tile puts its counter back to zero, so one stream's counters serve every eager launch on
-    it, one after the other, without a memset. A CUDA graph capture and a compiled graph's call (see
-    backends.per_call_workspace) get fresh counters, zeroed in the graph, shared with nothing else; so does the
+    The kernels of one stream run one after the other, so one stream's buffers serve every eager launch on it: the
+    last program of a tile puts its counter back to zero, ready for the next launch, and reads its tile's partials
+    before any later launch can write them. A CUDA graph capture and a compiled graph's call (see
+    backends.per_call_workspace) get fresh ones, owned by the graph and shared with nothing else; so does the
     interpreter."""
     if device.type != "cuda" or workspace_per_call() or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(tiles, dtype=torch.int32, device=device)
+        return (torch.empty(partials, dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
-    counters = _ARRIVALS.get(key)
-    if counters is None or counters.numel() < tiles:
-        if counters is not None:  # (kernels queued on this stream may still use the old ones)
-            counters.record_stream(torch.cuda.current_stream(device))
-        counters = _ARRIVALS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return counters
+    kept = _WORKSPACES.get(key)
+    if kept is None:
+        kept = _WORKSPACES[key] = [torch.empty(0, dtype=torch.float32, device=device), None]
+    if kept[1] is None or kept[1].numel() < tiles:
+        if kept[1] is not None:  # (kernels queued on this stream may still use the old ones)
+            kept[1].record_stream(torch.cuda.current_stream(device))
+        kept[1] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    if partials > _MAX_KEPT_PARTIALS:
+        return torch.empty(partials, dtype=torch.float32, device=device), kept[1]
+    if kept[0].numel() < partials:
+        kept[0].record_stream(torch.cuda.current_stream(device))
+        kept[0] = torch.empty(max(partials, 1 << 16), dtype=torch.float32, device=device)
+    return kept[0], kept[1]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -363,8 +374,10 @@ def _plan(*facts) -> _Plan:
 
 
 def forget_plans() -> None:
-    """Drop the cached plans: call after changing a LOWBIT_* tuning variable in a running process."""
+    """Drop the cached plans (and the products bound to them): call after changing a LOWBIT_* tuning variable in a
+    running process."""
     _plan.cache_clear()
+    BOUND_PRODUCTS.clear()
 
 
 @contextlib.contextmanager
@@ -393,16 +406,29 @@ def _batch_strides(t: torch.Tensor) -> tuple[int, ...]:
     return t.stride() if t.ndim == 3 else (0, *t.stride())
 
 
+def _plan_for(x, w_q, scales, biases, global_scale, lhs, transpose, mode, group_size, bits, out_dtype):
+    indexed = lhs is not None
+    n_items, m, k = lhs.shape[0] if indexed else 1, x.shape[-2], x.shape[-1]
+    n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
+    n_weights = w_q.shape[0] if w_q.ndim == 3 else 1
+    return _plan(mode, group_size, bits, transpose, x.dtype, scales.dtype, None if biases is None else biases.dtype,
+                 global_scale is not None, out_dtype, m, n, k, n_items, n_weights, indexed), n_items, m, n, k, n_weights
+
+
+def _qmm_ints(x_strides, w_q, scales, b, global_scale, m, n, k, n_rows, n_weights) -> tuple:
+    """qmm_kernel's integer arguments: sizes, then the strides of x, w_q, scales, biases (batches of matrices) and of
+    the contiguous (items, M, N) output."""
+    return (m, n, k, n_rows, n_weights, global_scale.stride(0) if global_scale is not None else 0, *x_strides,
+            *_batch_strides(w_q), *_batch_strides(scales), *_batch_strides(b), m * n, n, 1)
+
+
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
                sorted_indices=False):
     """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) -> (I, M, N); or lhs = rhs = None, x (1, M, K) and
     a 2-D w_q (one product)."""
     indexed = lhs is not None
-    n_items, m, k = lhs.shape[0] if indexed else 1, x.shape[-2], x.shape[-1]
-    n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
-    n_weights = w_q.shape[0] if w_q.ndim == 3 else 1
-    plan = _plan(mode, group_size, bits, transpose, x.dtype, scales.dtype, None if biases is None else biases.dtype,
-                 global_scale is not None, out_dtype, m, n, k, n_items, n_weights, indexed)
+    plan, n_items, m, n, k, n_weights = _plan_for(x, w_q, scales, biases, global_scale, lhs, transpose, mode,
+                                                  group_size, bits, out_dtype)
     out = torch.empty(n_items, m, n, dtype=plan.kernel_dtype, device=x.device)
     if n_items * m * n == 0:
         return out
@@ -414,7 +440,9 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         prefill_qmm(out[0], x[0].contiguous(), w_q, scales, biases, global_scale, transpose, *plan.prefill_args)
         return out.to(out_dtype)
     n_rows = n_items * m
-    partials = torch.empty(plan.splits, n_rows, n, dtype=torch.float32, device=x.device) if plan.split_in_grid else out
+    partials, arrivals = out, scales  # (unused pointers unless the splits run in the grid)
+    if plan.split_in_grid:
+        partials, arrivals = _split_workspace(x.device, plan.splits * n_rows * n, plan.tiles)
     b = biases if biases is not None else scales
     g = global_scale if global_scale is not None else scales
     rows = tile_w = tile_start = tile_rows = scales  # (unused pointers)
@@ -424,8 +452,67 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         lhs = rhs = scales
     if plan.routing == GROUPED:
         rows, tile_w, tile_start, tile_rows = schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles)
-    arrivals = _arrival_counters(x.device, plan.tiles) if plan.split_in_grid else scales
     plan.qmm(plan.grid, x, w_q.view(torch.int32), scales, b, g, lhs, rhs, rows, tile_w, tile_start, tile_rows, out,
-             partials, arrivals, m, n, k, n_rows, n_weights, g.stride(0) if global_scale is not None else 0,
-             *x.stride(), *_batch_strides(w_q), *_batch_strides(scales), *_batch_strides(b), *out.stride())
+             partials, arrivals, *_qmm_ints(x.stride(), w_q, scales, b, global_scale, m, n, k, n_rows, n_weights))
     return out if plan.kernel_dtype == out_dtype else out.to(out_dtype)
+
+
+class BoundProduct:
+    """One plain product x @ W (a 2-D weight) prepared for every later call whose arguments have the same static
+    facts (shapes, strides, dtypes, devices; the caller keys on them): the plan, the kernels' integer arguments and
+    their binaries are fixed, so a call is an allocation and one launch (two where x is copied slot-major first).
+    Calling it gives x.shape[:-1] + (N,), or None (nothing launched) where a binary is not known yet: the caller
+    then takes the general path (gather_qmm), which launches, and so compiles, it."""
+
+    def __init__(self, x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, out_dtype):
+        k = x.shape[-1]
+        x3 = x.reshape(1, -1, k)  # (a view: `bind_product` binds only then)
+        plan, _, m, n, k, _ = _plan_for(x3, w_q, scales, biases, global_scale, None, transpose, mode, group_size,
+                                        bits, out_dtype)
+        self.plan, self.out_dtype = plan, out_dtype
+        self.out_shape = (*x.shape[:-1], n)
+        self.partials, self.tiles = plan.splits * m * n, plan.tiles
+        b, g = biases is not None, global_scale is not None
+        x_strides = x3.stride()
+        self.slot_major = None
+        if plan.x_slot_major:  # x goes through a contiguous slot-major copy (1, M, K padded)
+            self.x_shape, launch, grid, ints = slot_major_launch(x3, bits, plan.bk)
+            self.slot_major = BoundLaunch(launch, grid, (x.dtype, x.dtype), ints)
+            x_strides = (m * self.x_shape[2], self.x_shape[2], 1)
+        split = torch.float32 if plan.split_in_grid else plan.kernel_dtype
+        counters = torch.int32 if plan.split_in_grid else scales.dtype
+        dtypes = (x.dtype, torch.int32, scales.dtype, (biases if b else scales).dtype,
+                  (global_scale if g else scales).dtype, *[scales.dtype] * 6, plan.kernel_dtype, split, counters)
+        g_1 = global_scale.reshape(1) if g else None  # (as the ops layer passes a plain product's tensor scale)
+        ints = _qmm_ints(x_strides, w_q, scales, biases if b else scales, g_1, m, n, k, m, 1)
+        self.qmm = BoundLaunch(plan.qmm, plan.grid, dtypes, ints)
+
+    def __call__(self, x, w_q, scales, biases, global_scale):
+        plan = self.plan
+        out = torch.empty(self.out_shape, dtype=plan.kernel_dtype, device=x.device)
+        if self.slot_major is not None:
+            copy = torch.empty(self.x_shape, dtype=x.dtype, device=x.device)
+            if not self.slot_major(x, copy):
+                return None
+            x = copy
+        if plan.split_in_grid:
+            partials, arrivals = _split_workspace(x.device, self.partials, self.tiles)
+        else:
+            partials, arrivals = out, scales
+        b = biases if biases is not None else scales
+        g = global_scale if global_scale is not None else scales
+        if not self.qmm(x, w_q, scales, b, g, scales, scales, scales, scales, scales, scales, out, partials,
+                        arrivals):
+            return None
+        return out if plan.kernel_dtype == self.out_dtype else out.to(self.out_dtype)
+
+
+def bind_product(x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, out_dtype):
+    """A BoundProduct for calls like this one (x (..., K), a 2-D w_q), or None where the product takes another path:
+    the prefill path (large M), an empty product, or an x whose rows are not one strided matrix."""
+    k = x.shape[-1]
+    x3 = x.reshape(1, -1, k)
+    if x3.numel() == 0 or k == 0 or x3.data_ptr() != x.data_ptr():  # (a copy, not a view)
+        return None
+    bound = BoundProduct(x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, out_dtype)
+    return None if bound.plan.prefill else bound

@@ -56,17 +56,25 @@ def slot_major_kernel(x_ptr, out_ptr, n_rows, M, K, k_pad, sx_b, sx_m, sx_k,
     tl.store(out_ptr + row[:, None] * k_pad + j[None, :], values, mask=(row < n_rows)[:, None])
 
 
+def slot_major_launch(x: torch.Tensor, bits: int, block: int) -> tuple[tuple, object, tuple, tuple]:
+    """(the reordered copy's shape, the launcher, grid and integer arguments of slot_major_kernel for x (B, M, K)
+    and that copy)."""
+    per_pack = pack_geometry(bits)[0]
+    b, m, k = x.shape
+    blocks = -(-k // block)
+    n_rows = b * m
+    block_r = 32
+    launch = launcher(slot_major_kernel, 4, 3, PER_PACK=per_pack, PACKS=block // per_pack, BLOCK_R=block_r)
+    return (b, m, blocks * block), launch, (triton.cdiv(n_rows, block_r), blocks), (n_rows, m, k, blocks * block,
+                                                                                    *x.stride())
+
+
 def slot_major(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """x (B, M, K) -> (B, M, K padded to whole blocks), contiguous, each block reordered slot-major: element
     p * PER_PACK + s of a block moves to s * PACKS + p, the order in which transposed kernels consume K. Padding is
     zeros. One pass over x (torch's pad, permute and copy took three)."""
-    per_pack = pack_geometry(bits)[0]
-    b, m, k = x.shape
-    blocks = -(-k // block)
-    out = torch.empty(b, m, blocks * block, dtype=x.dtype, device=x.device)
-    n_rows = b * m
-    if n_rows and blocks:
-        block_r = 32
-        launch = launcher(slot_major_kernel, 4, 3, PER_PACK=per_pack, PACKS=block // per_pack, BLOCK_R=block_r)
-        launch((triton.cdiv(n_rows, block_r), blocks), x, out, n_rows, m, k, blocks * block, *x.stride())
+    shape, launch, grid, ints = slot_major_launch(x, bits, block)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if out.numel():
+        launch(grid, x, out, *ints)
     return out
