@@ -276,3 +276,158 @@ def test_fast_division_equals_div_rn(gen):
     exact = safe & (a.abs() >= 2.0**-100)
     assert same_bits(out[exact], (a / s)[exact])  # torch's float32 division on the GPU is IEEE
     assert (out[safe & ~exact].abs() < 2.0**-40).all()  # tiny quotients: code 0 either way
+
+
+# --- the GPU's e2m1 word encoder (inline PTX), run by a small interpreter of its own text -------------------------
+
+def _u32(x: torch.Tensor) -> torch.Tensor:
+    return x & 0xFFFFFFFF
+
+
+def _as_f32(x: torch.Tensor) -> torch.Tensor:
+    return _u32(x).to(torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _f32_bits(f: torch.Tensor) -> torch.Tensor:
+    return f.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _bf16_bits(f: torch.Tensor) -> torch.Tensor:
+    """float -> bfloat16 bits, rounded to nearest even (torch's conversion)."""
+    return f.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _bf16_value(bits: torch.Tensor) -> torch.Tensor:
+    return _as_f32(bits << 16)
+
+
+def _lanewise(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return op(a & 0xFFFF, b & 0xFFFF) | (op(a >> 16, b >> 16) << 16)
+
+
+def _run_ptx(text: str, operands: dict) -> dict:
+    """Execute the straight-line PTX of `text` (the instructions e2m1_words_bf16 uses) on int64 tensors holding
+    32-bit registers, with PTX's semantics: IEEE float32 products rounded to nearest even, cvt.rn to bfloat16,
+    bfloat16 additions rounded once (the float64 sum of two bfloat16 values is exact where it matters: it rounds to
+    the same bfloat16), 16-bit lanes for min/max.u16x2, 32-bit wrap-around integer arithmetic, prmt's byte select."""
+    regs = dict(operands)
+
+    def val(token):
+        token = token.strip()
+        if token.startswith("0x"):
+            return torch.tensor(int(token, 16), dtype=torch.int64)
+        if token.isdigit():
+            return torch.tensor(int(token), dtype=torch.int64)
+        return regs[token]
+
+    for line in text.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        x = [val(s) for s in src]
+        if op == "mov.b32":
+            r = x[0] + torch.zeros_like(x[0])
+        elif op == "mul.rn.f32":
+            r = _f32_bits(_as_f32(x[0]) * _as_f32(x[1]))
+        elif op == "cvt.rn.bf16x2.f32":
+            r = _bf16_bits(_as_f32(x[1])) | (_bf16_bits(_as_f32(x[0])) << 16)
+        elif op == "add.rn.bf16x2":
+            r = _lanewise(lambda a, b: _bf16_bits(_bf16_value(a).double() + _bf16_value(b).double()), x[0], x[1])
+        elif op == "min.u16x2":
+            r = _lanewise(torch.minimum, x[0], x[1])
+        elif op == "max.u16x2":
+            r = _lanewise(torch.maximum, x[0], x[1])
+        elif op == "and.b32":
+            r = x[0] & x[1]
+        elif op == "or.b32":
+            r = x[0] | x[1]
+        elif op == "add.u32":
+            r = x[0] + x[1]
+        elif op == "sub.u32":
+            r = x[0] - x[1]
+        elif op == "shl.b32":
+            r = x[0] << x[1]
+        elif op == "shr.u32":
+            r = x[0] >> x[1]
+        elif op == "prmt.b32":
+            pool = [(x[0] >> (8 * i)) & 0xFF for i in range(4)] + [(x[1] >> (8 * i)) & 0xFF for i in range(4)]
+            r = sum(pool[(int(x[2]) >> (4 * i)) & 7] << (8 * i) for i in range(4))
+        else:
+            raise NotImplementedError(op)
+        regs[d] = _u32(r)
+    return regs
+
+
+def e2m1_words_emulated(g: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """The words of encode._E2M1_WORD_ASM for g (N, 8) float32 (bfloat16 values) and multiplier (N,) float32."""
+    from lowbit.backends.triton.encode import _E2M1_WORD_ASM
+    m = _f32_bits(multiplier.float().contiguous())
+    operands = {f"${8 + i}": _f32_bits(g[:, i].float().contiguous()) for i in range(8)}
+    operands.update({f"${16 + i}": m for i in range(8)})
+    return _run_ptx(_E2M1_WORD_ASM.value, operands)["$0"]
+
+
+def _words_of_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, 8) nibbles -> (N,) little-endian words (value j at bits 4j)."""
+    return sum(codes[:, j].to(torch.int64) << (4 * j) for j in range(8))
+
+
+def _every_bfloat16_in_eights(gen) -> torch.Tensor:
+    """Every finite bfloat16 value once, in a random order, as rows of 8 (as float32)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    v = bits.view(torch.bfloat16).float()
+    v = v[torch.isfinite(v)]
+    v = v[torch.randperm(len(v), generator=gen)]
+    return torch.cat([v, v[: (-len(v)) % 8]]).reshape(-1, 8)
+
+
+def test_e2m1_word_asm_nvfp4_matches_the_codec(gen):
+    """nvfp4 (no tensor scale) on the GPU: e2m1(bf16(g * div_rn(1, s))) gives the codes of the CPU path's
+    e2m1(bf16(g / s)) for every bfloat16 g and every e4m3 block scale s (the product never crosses an e2m1 decision
+    that the quotient does not), and the PTX's lanes, sign and packing are right: its own text, interpreted."""
+    g = _every_bfloat16_in_eights(gen)
+    scales = codecs.e4m3_decode(torch.arange(1, 127, dtype=torch.uint8), torch.float32)  # every positive finite
+    for chunk in scales.split(16):
+        gs = g.repeat(len(chunk), 1)
+        s = chunk.repeat_interleave(len(g))
+        got = e2m1_words_emulated(gs, torch.ones_like(s) / s)
+        quotient = (gs.to(torch.bfloat16) / s[:, None].to(torch.bfloat16)).float()  # lowbit.formats.nvfp4's
+        assert torch.equal(got, _words_of_codes(codecs.e2m1_encode(quotient)))
+    assert torch.equal(e2m1_words_emulated(g, torch.zeros(len(g))), torch.zeros(len(g), dtype=torch.int64))  # unused
+
+
+def test_e2m1_word_asm_mxfp4_matches_the_codec(gen):
+    """mxfp4 on the GPU: every bfloat16 value times every e8m0 scale's 2**(127 - byte), encoded by the PTX's own
+    text (interpreted), gives lowbit.formats.mx's codes."""
+    from lowbit.formats import mx  # noqa: F401  (the arithmetic mirrored: g.float() * exp2(127 - byte))
+    g = _every_bfloat16_in_eights(gen)
+    scale_bytes = torch.arange(0, 255, dtype=torch.float32)
+    for chunk in scale_bytes.split(32):
+        gs = g.repeat(len(chunk), 1)
+        m = torch.exp2(-(chunk - 127)).repeat_interleave(len(g))
+        got = e2m1_words_emulated(gs, m)
+        assert torch.equal(got, _words_of_codes(codecs.e2m1_encode(gs * m[:, None])))
+
+
+@pytest.mark.parametrize("mode, gs", [("nvfp4", 16), ("mxfp4", 32)])
+def test_fp4_word_path_and_its_fallbacks_give_the_same_bytes(monkeypatch, mode, gs, gen):
+    """The fp4 formats' bfloat16 weights take e2m1_words_bf16 on the GPU only where a thread holds whole 16-byte
+    rows of w (quantizer._words_path); unaligned, strided and small-tile inputs take the portable encoder. Both
+    give the CPU path's bytes."""
+    from lowbit.backends.triton import quantizer
+    base = hard_weight(24, 8 * 64 + 16, gs, torch.bfloat16, gen).to(DEVICE)
+    cases = {"contiguous": base[:, : 8 * 64].contiguous(), "unaligned start": base[:, 1: 1 + 8 * 64],
+             "row stride not a multiple of 16": base[:, : 8 * 64 + 8].contiguous()[:, : 8 * 64],
+             "column stride 2": base[:, : 8 * 64].contiguous()[:, ::2]}
+    for name, w in cases.items():
+        words = quantizer._words_path(w.reshape(-1, w.shape[-1]), mode, None, None, 8, 256, 2)
+        if name == "contiguous":
+            assert words == GPU
+        else:
+            assert not words
+        ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, gs, 4, mode))
+        for a, b in zip(ours, theirs):
+            assert same_bits(a, b.to(DEVICE)), name
+    assert not quantizer._words_path(base[:, :256].contiguous(), mode, None, None, 4, 2 * gs, 4)  # 2 values a thread

@@ -176,3 +176,83 @@ def e4m3_encode(x, HARDWARE: tl.constexpr):
         subnormal = round_half_even(a * 512.0).to(tl.int32)  # multiples of 2**-9 (8 is the smallest normal)
         code = tl.where(a < 0.015625, subnormal, normal)
         return tl.where(finite, code, 0x7F) | sign
+
+
+# The e2m1 word encoder of bfloat16 weights on the GPU (`e2m1_words_bf16`): eight values a PTX block, two a 32-bit
+# register from the conversion to bfloat16 on. Per pair of values (lanes lo, hi of a register; value 2k in lo):
+#   b = |bf16(q)| clamped to 6 (the lane's bits, unsigned min); E = max(b's exponent bits, those of 1.0);
+#   M = 2**(e + 6) (E + 6 << 7): bf16(b + M) rounds b to a multiple of 2**(e - 1), e2m1's spacing in b's binade
+#   (0.5 below 2), ties to even (M's bits end in zeros, so the sum's last bit is the rounded value's), and the sum
+#   stays in M's binade, so S - M = rounded b / 2**(e - 1) in 0..4; the code is that plus 2 * max(e, 0).
+#   The lanes never carry into each other where it matters: each lane's result lies in 0..15, so the 32-bit sums
+#   and differences equal the lanes' own (a borrow taken in one step is paid back in another).
+#   The sign (bit 3) is q's sign where b > 0.25 (b + 0x417F reaches bit 15 exactly from 0x3E81 on), i.e. where the
+#   code is not 0.
+# Then the four pairs are packed into one little-endian word of eight nibbles (value j at bits 4j).
+_E2M1_WORD_ASM = tl.constexpr("""{
+.reg .f32 q<8>;
+.reg .b32 p<4>, b<4>, e<4>, m<4>, s<4>, c<4>, z<4>, w<2>, t<2>, k<7>;
+mov.b32 k0, 0x40C040C0;
+mov.b32 k1, 0x3F803F80;
+mul.rn.f32 q0, $8, $16;
+mul.rn.f32 q1, $9, $17;
+mul.rn.f32 q2, $10, $18;
+mul.rn.f32 q3, $11, $19;
+mul.rn.f32 q4, $12, $20;
+mul.rn.f32 q5, $13, $21;
+mul.rn.f32 q6, $14, $22;
+mul.rn.f32 q7, $15, $23;
+cvt.rn.bf16x2.f32 p0, q1, q0;
+cvt.rn.bf16x2.f32 p1, q3, q2;
+cvt.rn.bf16x2.f32 p2, q5, q4;
+cvt.rn.bf16x2.f32 p3, q7, q6;
+""" + "".join(f"""and.b32 b{k}, p{k}, 0x7FFF7FFF;
+min.u16x2 b{k}, b{k}, k0;
+and.b32 e{k}, b{k}, 0x7F807F80;
+max.u16x2 e{k}, e{k}, k1;
+add.u32 m{k}, e{k}, 0x03000300;
+add.rn.bf16x2 s{k}, b{k}, m{k};
+shr.u32 e{k}, e{k}, 6;
+sub.u32 e{k}, e{k}, 0x00FE00FE;
+sub.u32 c{k}, s{k}, m{k};
+add.u32 c{k}, c{k}, e{k};
+add.u32 z{k}, b{k}, 0x417F417F;
+and.b32 z{k}, z{k}, p{k};
+and.b32 z{k}, z{k}, 0x80008000;
+shr.u32 z{k}, z{k}, 12;
+add.u32 c{k}, c{k}, z{k};
+""" for k in range(4)) + """shl.b32 t0, c1, 8;
+or.b32 w0, c0, t0;
+shr.u32 t0, w0, 12;
+or.b32 w0, w0, t0;
+shl.b32 t1, c3, 8;
+or.b32 w1, c2, t1;
+shr.u32 t1, w1, 12;
+or.b32 w1, w1, t1;
+prmt.b32 $0, w0, w1, 0x5410;
+}""")
+
+_E2M1_WORD_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))  # 8 results (the word in $0), 8 g, 8 m
+
+
+@triton.jit
+def _first_of_8(x):
+    """(A, B, C, 8) -> (A, B, C): element 0 of the last axis (register moves: the axis is in one thread)."""
+    a, _ = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2], 4, 2)))
+    a, _ = tl.split(tl.reshape(a, (x.shape[0], x.shape[1], x.shape[2], 2, 2)))
+    a, _ = tl.split(tl.reshape(a, (x.shape[0], x.shape[1], x.shape[2], 1, 2)))
+    return tl.reshape(a, (x.shape[0], x.shape[1], x.shape[2]))
+
+
+@triton.jit
+def e2m1_words_bf16(g, multiplier):
+    """GPU only (inline PTX, sm_90): the e2m1 codes of bf16(g * multiplier), packed eight to a word: g (..., 8) holds
+    bfloat16 values (as float32), `multiplier` (broadcast to g) each value's group factor, finite, >= 0 -> int32
+    words (...). Rounding the product to bfloat16 first is what makes this the CPU path's e2m1(bf16(g / scale))
+    for nvfp4 (multiplier = div_rn(1, scale): the product lands on the same side of every e2m1 decision, checked
+    for every bfloat16 g and e4m3 scale by the tests' emulation) and exact for mxfp4 (a power of two). g must be
+    finite where the word is kept."""
+    m = tl.broadcast_to(multiplier, g.shape)
+    words = tl.inline_asm_elementwise(_E2M1_WORD_ASM, _E2M1_WORD_CONSTRAINTS, [g, m], dtype=tl.int32, is_pure=True,
+                                      pack=8)
+    return _first_of_8(words)

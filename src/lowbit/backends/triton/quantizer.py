@@ -19,8 +19,8 @@ from ...formats.nvfp4 import tensor_encode_scale
 from .. import interpreting
 from .decode import e4m3_value, round_to
 from .encode import (
-    affine_codes, affine_params, divide_tile, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, fast_division_safe,
-    group_min_keeping_first_zero, power_of_two,
+    affine_codes, affine_params, divide_tile, e2m1_encode, e2m1_words_bf16, e4m3_encode, e8m0_exponent_ceil,
+    fast_division_safe, group_min_keeping_first_zero, power_of_two,
 )
 from .launch import MODE_IDS, TL_DTYPES
 from .tiles import values_of
@@ -134,7 +134,7 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
                     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
                     HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, ROWS_OUTER: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    WORDS: tl.constexpr, INTERPRET: tl.constexpr):
     """Quantize rows of w (n_rows, K) in groups of GS: packed words to q, scales (and biases) to s (and b); with
     FAKE, write the dequantized values (float32 products of code and scale, without the tensor scale) to out.
 
@@ -146,18 +146,20 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
     row, group, g_mask = _tile_place(tl.program_id(0), n_col_tiles, n_rows, K, BLOCK_R, G, GS)
     raw = _load_tile(w_ptr, row, group, g_mask, sw_r, sw_c, pos, GS, ROWS_OUTER)
     _quantize_tile(raw, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K,
-                   MODE, BITS, GS, W_DTYPE, HAS_ENCODE, FAKE, OUT_DTYPE, BLOCK_R, G, VEC, INTERPRET)
+                   MODE, BITS, GS, W_DTYPE, HAS_ENCODE, FAKE, OUT_DTYPE, BLOCK_R, G, VEC, WORDS, INTERPRET)
 
 
 @triton.jit
 def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K,
                    MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
                    HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                   BLOCK_R: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, INTERPRET: tl.constexpr):
+                   BLOCK_R: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, WORDS: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     """One tile (V, R, G, VEC): BLOCK_R rows by G groups, each group's GS values as V vectors of VEC (16 bytes of
     w). Triton lays the R and G axes across threads and V, VEC in each thread's registers, so a thread owns whole
     groups (or, for large groups, a warp owns part of each): the group reductions, the scale arithmetic and the
-    packing need little or no data from other threads."""
+    packing need little or no data from other threads. WORDS (mxfp4, nvfp4: see `_words_path`): the codes come
+    packed from e2m1_words_bf16."""
     col = (group * GS)[None, None, :, None] + pos
     if W_DTYPE == tl.bfloat16:  # widened from the bits (the interpreter's own conversion flushes subnormals)
         g = (g.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
@@ -189,21 +191,27 @@ def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, enc
         block_scale = e4m3_value(scale_byte)
         inv_scale = tl.math.div_rn(tl.full(block_scale.shape, 1.0, tl.float32), block_scale)
         unused = ~(block_scale > 0.0) | ~finite  # empty blocks (0 / 0) and NaN scales (s * encode overflowed)
-        safe = fast_division_safe(amax, block_scale, inv_scale) | unused
-        q = divide_tile(g, _spread(block_scale), _spread(inv_scale), safe, INTERPRET)
-        q = round_to(q, W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
-        if HAS_ENCODE:
-            q = q * encode
-        q = tl.where(_spread(unused), 0.0, q)  # code 0, as the codec's NaN -> 0
-        codes = e2m1_encode(q)
+        if WORDS:  # bf16(g * inv_scale) has the codes of bf16(g / block_scale) (e2m1_words_bf16)
+            words = e2m1_words_bf16(g, _spread(tl.where(unused, 0.0, inv_scale)))
+        else:
+            safe = fast_division_safe(amax, block_scale, inv_scale) | unused
+            q = divide_tile(g, _spread(block_scale), _spread(inv_scale), safe, INTERPRET)
+            q = round_to(q, W_DTYPE, INTERPRET)  # divided in w's dtype, as MLX
+            if HAS_ENCODE:
+                q = q * encode
+            q = tl.where(_spread(unused), 0.0, q)  # code 0, as the codec's NaN -> 0
+            codes = e2m1_encode(q)
         scale = tl.where(finite, scale_byte, 0x7F)
     else:  # mxfp4 / mxfp8: the power of two at or above amax / element max
         s = _block_scale_target(amax, 6.0 if MODE == 1 else 448.0, W_DTYPE, INTERPRET)
         exponent = tl.where(finite, e8m0_exponent_ceil(s), 0)
         scale_byte = tl.minimum(tl.maximum(exponent + 127, 0), 254)
-        q = g * _spread(power_of_two(127 - scale_byte))
-        q = tl.where(_spread(finite), q, 0.0)
-        codes = e2m1_encode(q) if MODE == 1 else e4m3_encode(q, not INTERPRET)
+        if WORDS:  # (the product is exact, and so is its bf16 rounding)
+            words = e2m1_words_bf16(g, _spread(tl.where(finite, power_of_two(127 - scale_byte), 0.0)))
+        else:
+            q = g * _spread(power_of_two(127 - scale_byte))
+            q = tl.where(_spread(finite), q, 0.0)
+            codes = e2m1_encode(q) if MODE == 1 else e4m3_encode(q, not INTERPRET)
         scale = tl.where(finite, scale_byte, 0xFF)
 
     if FAKE:  # quantize-dequantize: code value times the block scale, exact in float32 (dequantize's numerics)
@@ -213,7 +221,12 @@ def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, enc
     else:
         if MODE != 0:
             tl.store(s_ptr + group_offsets, scale.to(tl.uint8), mask=g_mask)
-        _store_packed(q_ptr, codes, row, group, g_mask, K * BITS // 32, GS, VEC, BLOCK_R, G, BITS)
+        if WORDS:  # (V, R, G): word v of each group; non-finite groups' codes are 0
+            words = tl.where(finite[None, :, :], words, 0)
+            word = group[None, None, :] * (GS // 8) + tl.arange(0, GS // 8)[:, None, None]
+            tl.store(q_ptr + (row[:, None] * (K // 8))[None, :, :] + word, words, mask=g_mask[None, :, :])
+        else:
+            _store_packed(q_ptr, codes, row, group, g_mask, K * BITS // 32, GS, VEC, BLOCK_R, G, BITS)
 
 
 # Before Triton 3.7 the coalescing pass breaks ties between equally contiguous axes first-axis-first (see _load_tile).
@@ -268,6 +281,17 @@ def _interpreter_tile(n_rows: int, k: int, group_size: int, block_r: int, block_
     return best[1], best[2]
 
 
+def _words_path(rows, mode, encode, out, block_r, block_c, warps) -> bool:
+    """Whether the fp4 codes are made by e2m1_words_bf16 (inline PTX on eight values at a time): on the GPU, for
+    bfloat16 w without a tensor scale (whose product needs the exact quotient), when the codes are stored (not
+    fake_quantize), and when each thread's registers hold whole 16-byte vectors of a row in order, as that PTX
+    reads them: the load is vectorized (unit column stride, 16-byte aligned start and rows) and a thread has 8 or
+    more values of the tile."""
+    return (not interpreting() and rows.dtype == torch.bfloat16 and out is None and encode is None
+            and mode in ("mxfp4", "nvfp4") and rows.stride(-1) == 1 and rows.data_ptr() % 16 == 0
+            and rows.stride(0) % 16 == 0 and block_r * block_c >= 8 * 32 * warps)
+
+
 def _encode_factor(global_scale, device):
     if global_scale is None:
         return None
@@ -298,7 +322,8 @@ def _launch(w, mode, group_size, bits, global_scale, q, scales, biases, out):
         dummy if out is None else out, dummy if encode is None else encode, n_rows, k, *rows.stride(), n_col_tiles,
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, W_DTYPE=TL_DTYPES[w.dtype], HAS_ENCODE=encode is not None,
         FAKE=out is not None, OUT_DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c, VEC=vec,
-        ROWS_OUTER=_COALESCE_TIES_FIRST_AXIS_FIRST, INTERPRET=interpreting(),
+        ROWS_OUTER=_COALESCE_TIES_FIRST_AXIS_FIRST,
+        WORDS=_words_path(rows, mode, encode, out, block_r, block_c, warps), INTERPRET=interpreting(),
         num_warps=warps,
     )
 
