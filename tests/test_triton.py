@@ -445,7 +445,7 @@ def test_repeated_calls_run_the_bound_product_with_the_same_bits(monkeypatch, mo
 def test_bound_product_captured_in_a_cuda_graph(gen):
     """A bound product captures in a CUDA graph (fresh split workspace owned by the graph) and its replay equals the
     eager call for new activations written into the same input."""
-    q = quantize(randn(512, 1024, gen=gen, dtype=torch.bfloat16), 32, 4, "mxfp4")
+    q = quantize3(randn(512, 1024, gen=gen, dtype=torch.bfloat16), 32, 4, "mxfp4")
     x = randn(1, 1024, gen=gen, dtype=torch.bfloat16)
     for _ in range(2):
         lowbit.quantized_matmul(x, *q, True, 32, 4, "mxfp4")  # warm-up: compiles, binds

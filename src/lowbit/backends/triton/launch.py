@@ -11,6 +11,8 @@ Triton would pick.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import triton.language as tl
 from triton import knobs
@@ -84,42 +86,60 @@ class Launcher:
 
 class BoundLaunch:
     """A Launcher's launch with everything fixed but the addresses of its tensors: its pointer arguments come first,
-    then integers; `grid` and the integers are fixed, and so are the tensors' dtypes.
+    then integers; `grid`, the integers and the tensors' dtypes are fixed, and `layout` says which of a call's
+    tensors each pointer argument is (a tensor passed for several arguments is read once).
 
-    A call takes the tensors (in the kernel's order) and passes their addresses to the compiled binary as integers,
-    which Triton's C launcher takes as they are: no signature of thirty arguments, no `data_ptr()` call and driver
-    pointer query per tensor. The binary is the one the Launcher ran for the same signature (the addresses' 16-byte
-    alignment decides it); a call whose signature has not been launched yet returns False without launching, and the
-    caller takes the general path, which launches (and compiles) it."""
+    A call passes the tensors' addresses to the compiled binary as integers, which Triton's C launcher takes as they
+    are: no signature of thirty arguments, no `data_ptr()` call and driver pointer query per argument. The binary is
+    the one the Launcher ran for the same signature (the addresses' 16-byte alignment decides it); a call whose
+    signature has not been launched yet returns False without launching, and the caller takes the general path,
+    which launches (and compiles) it."""
 
-    def __init__(self, launch: Launcher, grid: tuple, dtypes: tuple, ints: tuple):
+    def __init__(self, launch: Launcher, grid: tuple, dtypes: tuple, ints: tuple, layout: tuple):
         self.launch = launch
         self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        self.dtypes = dtypes
+        self.dtypes = dtypes  # per pointer argument
         self.ints = ints
-        self._by_alignment: dict[tuple, object] = {}
+        # the call's tensors (or addresses, or alignments) -> the pointer arguments, a tuple
+        self.spread = operator.itemgetter(*layout) if len(layout) > 1 else lambda given: (given[layout[0]],)
+        self._by_alignment: dict[tuple, tuple] = {}
 
     def __call__(self, *tensors: torch.Tensor) -> bool:
         """Launch on the current stream; False (nothing launched) where the binary is not known yet."""
         launch = self.launch
         if not launch.compiled:  # the interpreter: through Triton, every call
-            launch(self.grid, *tensors, *self.ints)
+            launch(self.grid, *self.spread(tensors), *self.ints)
             return True
         addresses = [t.data_ptr() for t in tensors]
-        device = torch.cuda.current_device()
-        aligned = (device, *[a % 16 == 0 for a in addresses])
-        binary = self._by_alignment.get(aligned)
-        if binary is None:
-            signature = (device, *zip(self.dtypes, aligned[1:]), *self.ints)
-            binary = launch.binary(signature)
+        device = torch._C._cuda_getDevice()
+        key = (device, *[a % 16 == 0 for a in addresses])
+        found = self._by_alignment.get(key)
+        if found is None:
+            aligned = self.spread(key[1:])
+            binary = launch.binary((device, *zip(self.dtypes, aligned), *self.ints))
             if binary is None:
                 return False
-            self._by_alignment[aligned] = binary
+            found = self._by_alignment[key] = _direct_launch(binary, (*self.ints, *launch._tail))
         if _launch_hooks():
             return False
-        binary.run(*self.grid, driver.active.get_current_stream(device), binary.function, binary.packed_metadata,
-                   None, None, None, *addresses, *self.ints, *launch._tail)
+        c_launch, head, tail = found
+        c_launch(*self.grid, torch._C._cuda_getCurrentRawStream(device), *head, *self.spread(addresses), *tail)
         return True
+
+
+def _direct_launch(binary, tail: tuple) -> tuple:
+    """(a callable, the arguments before the pointers, those after them) that launch `binary`: Triton's C launcher
+    itself where the kernel needs no scratch memory (Triton 3.6's CudaLauncher: `launch`, the cooperative-grid and
+    PDL flags; the Python wrapper around it allocates scratch), else that wrapper (`binary.run`)."""
+    run = binary.run
+    metadata = (binary.packed_metadata, None, None, None)  # (launch metadata and enter / exit hooks: none)
+    try:
+        if run.global_scratch_size == 0 and run.profile_scratch_size == 0:
+            flags = (run.launch_cooperative_grid, run.launch_pdl, None, None)  # (no scratch buffers)
+            return run.launch, (binary.function, *flags, *metadata), tail
+    except AttributeError:  # another Triton's launcher: its wrapper
+        pass
+    return run, (binary.function, *metadata), tail
 
 
 _LAUNCHERS: dict[tuple, Launcher] = {}

@@ -336,36 +336,39 @@ class _Plan:
         )
 
 
-_WORKSPACES: dict[tuple, list] = {}  # (device, stream) -> [that stream's split partials, its arrival counters]
-_MAX_KEPT_PARTIALS = 4 << 20  # float32 values: larger partials (prefill-sized splits) are allocated per call
+_SCRATCH: dict[tuple, dict] = {}  # (device, stream) -> that stream's kept scratch buffers, by name
+_MAX_KEPT = 16 << 20  # bytes: a larger buffer (prefill-sized split partials) is allocated per call
 
 
-def _split_workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 split partials, at least `partials` of them; zeroed int32 arrival counters, one per output tile) for
-    the kernel's split fold.
+def _stream_scratch(device: torch.device) -> dict | None:
+    """The current stream's kept scratch buffers (name -> tensor), or None where scratch must be fresh per call.
 
-    The kernels of one stream run one after the other, so one stream's buffers serve every eager launch on it: the
-    last program of a tile puts its counter back to zero, ready for the next launch, and reads its tile's partials
-    before any later launch can write them. A CUDA graph capture and a compiled graph's call (see
-    backends.per_call_workspace) get fresh ones, owned by the graph and shared with nothing else; so does the
+    The kernels of one stream run one after the other, so one stream's buffers serve every eager launch on it: a
+    buffer is written and read by the launches of one call before any later launch can touch it, and the arrival
+    counters are put back to zero by the last program of each tile. A CUDA graph capture and a compiled graph's call
+    (see backends.per_call_workspace) get fresh buffers, owned by the graph and shared with nothing else; so does the
     interpreter."""
-    if device.type != "cuda" or workspace_per_call() or torch.cuda.is_current_stream_capturing():
-        return (torch.empty(partials, dtype=torch.float32, device=device),
-                torch.zeros(tiles, dtype=torch.int32, device=device))
+    if device.type != "cuda" or workspace_per_call() or torch._C._cuda_isCurrentStreamCapturing():
+        return None
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
-    kept = _WORKSPACES.get(key)
+    kept = _SCRATCH.get(key)
     if kept is None:
-        kept = _WORKSPACES[key] = [torch.empty(0, dtype=torch.float32, device=device), None]
-    if kept[1] is None or kept[1].numel() < tiles:
-        if kept[1] is not None:  # (kernels queued on this stream may still use the old ones)
-            kept[1].record_stream(torch.cuda.current_stream(device))
-        kept[1] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    if partials > _MAX_KEPT_PARTIALS:
-        return torch.empty(partials, dtype=torch.float32, device=device), kept[1]
-    if kept[0].numel() < partials:
-        kept[0].record_stream(torch.cuda.current_stream(device))
-        kept[0] = torch.empty(max(partials, 1 << 16), dtype=torch.float32, device=device)
-    return kept[0], kept[1]
+        kept = _SCRATCH[key] = {}
+    return kept
+
+
+def _scratch(kept: dict | None, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least `numel` values: the stream's kept one (see _stream_scratch), grown as needed, or a
+    fresh one. Arrival counters ("arrivals") start zeroed."""
+    make = torch.zeros if name == "arrivals" else torch.empty
+    if kept is None or numel * dtype.itemsize > _MAX_KEPT:
+        return make(numel, dtype=dtype, device=device)
+    buffer = kept.get((name, dtype))
+    if buffer is None or buffer.numel() < numel:
+        if buffer is not None:  # (kernels queued on this stream may still use the old one)
+            buffer.record_stream(torch.cuda.current_stream(device))
+        buffer = kept[(name, dtype)] = make(max(numel, 4096), dtype=dtype, device=device)
+    return buffer
 
 
 @functools.lru_cache(maxsize=4096)
@@ -442,7 +445,9 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
     n_rows = n_items * m
     partials, arrivals = out, scales  # (unused pointers unless the splits run in the grid)
     if plan.split_in_grid:
-        partials, arrivals = _split_workspace(x.device, plan.splits * n_rows * n, plan.tiles)
+        kept = _stream_scratch(x.device)
+        partials = _scratch(kept, "partials", plan.splits * n_rows * n, torch.float32, x.device)
+        arrivals = _scratch(kept, "arrivals", plan.tiles, torch.int32, x.device)
     b = biases if biases is not None else scales
     g = global_scale if global_scale is not None else scales
     rows = tile_w = tile_start = tile_rows = scales  # (unused pointers)
@@ -460,49 +465,64 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
 class BoundProduct:
     """One plain product x @ W (a 2-D weight) prepared for every later call whose arguments have the same static
     facts (shapes, strides, dtypes, devices; the caller keys on them): the plan, the kernels' integer arguments and
-    their binaries are fixed, so a call is an allocation and one launch (two where x is copied slot-major first).
-    Calling it gives x.shape[:-1] + (N,), or None (nothing launched) where a binary is not known yet: the caller
-    then takes the general path (gather_qmm), which launches, and so compiles, it."""
+    their binaries are fixed, and the scratch buffers are the stream's, so a call is one allocation (the output) and
+    one launch (two where x is copied slot-major first). Calling it gives x.shape[:-1] + (N,), or None (nothing
+    launched) where a binary is not known yet: the caller then takes the general path (gather_qmm), which launches,
+    and so compiles, it."""
 
     def __init__(self, x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, out_dtype):
         k = x.shape[-1]
         x3 = x.reshape(1, -1, k)  # (a view: `bind_product` binds only then)
         plan, _, m, n, k, _ = _plan_for(x3, w_q, scales, biases, global_scale, None, transpose, mode, group_size,
                                         bits, out_dtype)
-        self.plan, self.out_dtype = plan, out_dtype
+        self.plan, self.out_dtype, self.device = plan, out_dtype, x.device
         self.out_shape = (*x.shape[:-1], n)
         self.partials, self.tiles = plan.splits * m * n, plan.tiles
-        b, g = biases is not None, global_scale is not None
         x_strides = x3.stride()
         self.slot_major = None
-        if plan.x_slot_major:  # x goes through a contiguous slot-major copy (1, M, K padded)
-            self.x_shape, launch, grid, ints = slot_major_launch(x3, bits, plan.bk)
-            self.slot_major = BoundLaunch(launch, grid, (x.dtype, x.dtype), ints)
-            x_strides = (m * self.x_shape[2], self.x_shape[2], 1)
-        split = torch.float32 if plan.split_in_grid else plan.kernel_dtype
-        counters = torch.int32 if plan.split_in_grid else scales.dtype
-        dtypes = (x.dtype, torch.int32, scales.dtype, (biases if b else scales).dtype,
-                  (global_scale if g else scales).dtype, *[scales.dtype] * 6, plan.kernel_dtype, split, counters)
+        if plan.x_slot_major:  # x goes through a slot-major copy (1, M, K padded), contiguous
+            shape, launch, grid, ints = slot_major_launch(x3, bits, plan.bk)
+            self.copy_numel = shape[1] * shape[2]
+            self.slot_major = BoundLaunch(launch, grid, (x.dtype, x.dtype), ints, (0, 1))
+            x_strides = (self.copy_numel, shape[2], 1)
+        b, g = biases is not None, global_scale is not None
         g_1 = global_scale.reshape(1) if g else None  # (as the ops layer passes a plain product's tensor scale)
         ints = _qmm_ints(x_strides, w_q, scales, biases if b else scales, g_1, m, n, k, m, 1)
-        self.qmm = BoundLaunch(plan.qmm, plan.grid, dtypes, ints)
+        split = plan.split_in_grid
+        # the call's tensors: x, w_q, scales, out, partials, arrivals[, biases][, global_scale]; the unused pointer
+        # arguments (index arrays of gathered products, and the rest) get scales, as in gather_qmm
+        tensors = [x.dtype, torch.int32, scales.dtype, plan.kernel_dtype, torch.float32 if split else None,
+                   torch.int32 if split else None]
+        bias_at = g_at = 2
+        if b:
+            bias_at = len(tensors)
+            tensors.append(biases.dtype)
+        if g:
+            g_at = len(tensors)
+            tensors.append(global_scale.dtype)
+        layout = (0, 1, 2, bias_at, g_at, 2, 2, 2, 2, 2, 2, 3, 4 if split else 3, 5 if split else 2)
+        self.qmm = BoundLaunch(plan.qmm, plan.grid, tuple(tensors[i] for i in layout), ints, layout)
 
     def __call__(self, x, w_q, scales, biases, global_scale):
-        plan = self.plan
-        out = torch.empty(self.out_shape, dtype=plan.kernel_dtype, device=x.device)
+        plan, device = self.plan, self.device
+        out = torch.empty(self.out_shape, dtype=plan.kernel_dtype, device=device)
+        kept = _stream_scratch(device)
         if self.slot_major is not None:
-            copy = torch.empty(self.x_shape, dtype=x.dtype, device=x.device)
+            copy = _scratch(kept, "x", self.copy_numel, x.dtype, device)
             if not self.slot_major(x, copy):
                 return None
             x = copy
+        tensors = [x, w_q, scales, out]
         if plan.split_in_grid:
-            partials, arrivals = _split_workspace(x.device, self.partials, self.tiles)
+            tensors += (_scratch(kept, "partials", self.partials, torch.float32, device),
+                        _scratch(kept, "arrivals", self.tiles, torch.int32, device))
         else:
-            partials, arrivals = out, scales
-        b = biases if biases is not None else scales
-        g = global_scale if global_scale is not None else scales
-        if not self.qmm(x, w_q, scales, b, g, scales, scales, scales, scales, scales, scales, out, partials,
-                        arrivals):
+            tensors += (out, out)  # (not read: the layout points those arguments elsewhere)
+        if biases is not None:
+            tensors.append(biases)
+        if global_scale is not None:
+            tensors.append(global_scale)
+        if not self.qmm(*tensors):
             return None
         return out if plan.kernel_dtype == self.out_dtype else out.to(self.out_dtype)
 
