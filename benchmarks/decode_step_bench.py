@@ -1,6 +1,7 @@
 """One decode step of a Llama-shaped model, eager vs torch.compile vs a CUDA graph, float vs quantized.
 
-Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/decode_step_bench.py [layers] [output.md]
+Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/decode_step_bench.py [layers] [output.md] [--eager]
+(--eager: no torch.compile rows, for quick A/B runs of two trees)
 The model: `layers` blocks of Llama-3-8B's shapes (hidden 4096, 32 query / 8 key-value heads, MLP 14336), RMSNorm,
 attention of one new token over a 512-token cache (torch SDPA), SwiGLU MLP, bfloat16. Its 7 linears per block are
 nn.Linear (bf16) or lowbit QuantizedLinear (lowbit.quantize_model). For each variant, one row:
@@ -90,7 +91,9 @@ def graph_ms(step, x, n=50) -> float:
 
 
 def main():
-    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+    eager_only = "--eager" in sys.argv
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    layers = int(args[0]) if args else 8
     bandwidth = copy_bandwidth()
     x = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
     rows = []
@@ -105,17 +108,19 @@ def main():
                                if t.dim() == 2 or t.dtype == torch.uint32 or t.dtype == torch.uint8)
             eager = step_ms(net, x)
             gpu = graph_ms(net, x)
-            torch._dynamo.reset()
-            compiled = torch.compile(net, fullgraph=True)
-            compiled_ms = step_ms(compiled, x)
-            compiled_gpu = graph_ms(compiled, x)
-            torch._dynamo.reset()
-            for label, ms, g in (("eager", eager, gpu), ("torch.compile", compiled_ms, compiled_gpu),
-                                 ("CUDA graph of the eager step", gpu, gpu)):
+            runs = [("eager", eager, gpu)]
+            if not eager_only:
+                torch._dynamo.reset()
+                compiled = torch.compile(net, fullgraph=True)
+                runs.append(("torch.compile", step_ms(compiled, x), graph_ms(compiled, x)))
+                torch._dynamo.reset()
+                del compiled
+            runs.append(("CUDA graph of the eager step", gpu, gpu))
+            for label, ms, g in runs:
                 rows.append(f"| {name} | {label} | {ms:.3f} | {g:.3f} | {ms / g:.2f} | "
                             f"{100 * weight_bytes / (g * 1e-3) / bandwidth:.0f}% |")
-            print(rows[-3], rows[-2], rows[-1], sep="\n", flush=True)
-            del net, compiled
+                print(rows[-1], flush=True)
+            del net
             torch.cuda.empty_cache()
     text = "\n".join([
         f"# One decode step, {layers} Llama-3-8B-shaped blocks, bf16 activations, 512-token cache "
@@ -127,8 +132,8 @@ def main():
         *rows,
     ])
     print(text)
-    if len(sys.argv) > 2:
-        with open(sys.argv[2], "w") as f:
+    if len(args) > 1:
+        with open(args[1], "w") as f:
             f.write(text + "\n")
 
 
