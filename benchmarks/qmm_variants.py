@@ -69,7 +69,7 @@ def main():
                            f"{base:.1f} | {base / us:.2f}x | {'same' if same else 'DIFF'} |")
                     rows.append(row)
                     print(row, flush=True)
-            del qs
+            qs = None  # (free the weights before the next format)
     print("\n| T | format | M | variant | µs | %BW | %bf16 | bf16 µs | vs bf16 | bits vs first |")
     print("\n".join(rows))
 
