@@ -11,6 +11,7 @@ Triton would pick.
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -107,8 +108,9 @@ class BoundLaunch:
     def __call__(self, *tensors: torch.Tensor) -> bool:
         """Launch on the current stream; False (nothing launched) where the binary is not known yet."""
         launch = self.launch
-        if not launch.compiled:  # the interpreter: through Triton, every call
-            launch(self.grid, *self.spread(tensors), *self.ints)
+        if not launch.compiled:  # the interpreter: through Triton, every call, with the dtypes a binary is found by
+            pointers = [t if t.dtype == d else t.view(d) for t, d in zip(self.spread(tensors), self.dtypes)]
+            launch(self.grid, *pointers, *self.ints)
             return True
         addresses = [t.data_ptr() for t in tensors]
         device = torch._C._cuda_getDevice()
@@ -127,14 +129,26 @@ class BoundLaunch:
         return True
 
 
+def _plain_c_launcher(wrapper: type) -> bool:
+    """Whether a CudaLauncher class passes its arguments on to its C `launch` as Triton 3.5-3.6's does:
+    `__call__(gridX, gridY, gridZ, stream, function, *args)` calls `launch(gridX, gridY, gridZ, stream, function,
+    cooperative_grid, pdl, global_scratch, profile_scratch, *args)`. Later Triton (3.7 on: kernel metadata and hooks
+    named, then the arguments' annotations and signature, the kernel's arguments as one tuple) and others do not."""
+    try:
+        parameters = list(inspect.signature(wrapper.__call__).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 7 and parameters[-1].kind is inspect.Parameter.VAR_POSITIONAL
+
+
 def _direct_launch(binary, tail: tuple) -> tuple:
     """(a callable, the arguments before the pointers, those after them) that launch `binary`: Triton's C launcher
-    itself where the kernel needs no scratch memory (Triton 3.6's CudaLauncher: `launch`, the cooperative-grid and
-    PDL flags; the Python wrapper around it allocates scratch), else that wrapper (`binary.run`)."""
+    itself where its layout is known (see _plain_c_launcher) and the kernel needs no scratch memory (the Python
+    wrapper around it allocates scratch), else that wrapper (`binary.run`, called as Launcher.__call__ calls it)."""
     run = binary.run
     metadata = (binary.packed_metadata, None, None, None)  # (launch metadata and enter / exit hooks: none)
     try:
-        if run.global_scratch_size == 0 and run.profile_scratch_size == 0:
+        if _plain_c_launcher(type(run)) and run.global_scratch_size == 0 and run.profile_scratch_size == 0:
             flags = (run.launch_cooperative_grid, run.launch_pdl, None, None)  # (no scratch buffers)
             return run.launch, (binary.function, *flags, *metadata), tail
     except AttributeError:  # another Triton's launcher: its wrapper
