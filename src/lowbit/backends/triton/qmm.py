@@ -489,18 +489,22 @@ class BoundProduct:
         g_1 = global_scale.reshape(1) if g else None  # (as the ops layer passes a plain product's tensor scale)
         ints = _qmm_ints(x_strides, w_q, scales, biases if b else scales, g_1, m, n, k, m, 1)
         split = plan.split_in_grid
-        # the call's tensors: x, w_q, scales, out, partials, arrivals[, biases][, global_scale]; the unused pointer
-        # arguments (index arrays of gathered products, and the rest) get scales, as in gather_qmm
+        # The call's tensors, by position: x, w_q, scales, out, partials, arrivals[, biases][, global_scale].
+        # qmm_kernel's 14 pointer arguments take them as gather_qmm passes them: missing biases, a missing tensor
+        # scale and the unused index arrays get scales; without splits in the grid, partials are out and the
+        # arrival counters scales.
+        X, W, S, OUT, PARTIALS, ARRIVALS = range(6)
         tensors = [x.dtype, torch.int32, scales.dtype, plan.kernel_dtype, torch.float32 if split else None,
                    torch.int32 if split else None]
-        bias_at = g_at = 2
+        bias_at = g_at = S
         if b:
             bias_at = len(tensors)
             tensors.append(biases.dtype)
         if g:
             g_at = len(tensors)
             tensors.append(global_scale.dtype)
-        layout = (0, 1, 2, bias_at, g_at, 2, 2, 2, 2, 2, 2, 3, 4 if split else 3, 5 if split else 2)
+        unused_indices = (S,) * 6  # lhs, rhs, rows, tile_w, tile_start, tile_rows
+        layout = (X, W, S, bias_at, g_at, *unused_indices, OUT, PARTIALS if split else OUT, ARRIVALS if split else S)
         self.qmm = BoundLaunch(plan.qmm, plan.grid, tuple(tensors[i] for i in layout), ints, layout)
 
     def __call__(self, x, w_q, scales, biases, global_scale):
