@@ -59,7 +59,10 @@ def _register(name: str) -> None:
     eager = EAGER[name]
 
     def real(*args):
-        with torch.no_grad(), per_call_workspace():  # the registered autograd formula owns the gradient
+        if torch.is_grad_enabled():  # the registered autograd formula owns the gradient
+            with torch.no_grad(), per_call_workspace():
+                return eager(*args)
+        with per_call_workspace():  # (inference: no grad-mode switch, a microseconds saving per call)
             return eager(*args)
 
     def fake(*args):
