@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from lowbit.backends.triton.encode import (  # noqa: E402
-    divide, e2m1_encode, e4m3_encode, e8m0_exponent_ceil, fast_division_safe, round_half_even,
+    divide, e2m1_encode, e4m3_encode, e4m3_value_hardware, e8m0_exponent_ceil, fast_division_safe, round_half_even,
 )
 
 GPU = torch.cuda.is_available()
@@ -79,13 +79,61 @@ def test_non_finite_groups_bytes_equal_the_cpu_path(monkeypatch, mode, gs, bits,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tensor_scale", [1e-6, 0.37, 1.0, 1e6])
+@pytest.mark.parametrize("tensor_scale", [1e-6, 0.37, 1.0, 1e6, -0.37])
 def test_nvfp4_tensor_scale_bytes_equal_the_cpu_path(monkeypatch, dtype, tensor_scale, gen):
     w = hard_weight(9, 64, 16, dtype, gen).to(DEVICE)
     g = torch.tensor(tensor_scale, device=DEVICE)
     ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, mode="nvfp4", global_scale=g))
     for a, b in zip(ours, theirs):
         assert same_bits(a, b.to(DEVICE))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_affine_extreme_scales_bytes_equal_the_cpu_path(monkeypatch, bits, dtype, gen):
+    """Groups whose scale is 2**100 or more (the GPU scales them by 2**-100 before its fast division) or infinite
+    (max - min overflows float32: the GPU's factor is 0), beside ordinary ones, ties included."""
+    gs, k = 32, 128
+    w = torch.randn(8, k, generator=gen, dtype=torch.float64)
+    w[0] *= 1e37
+    w[1] = (torch.arange(k) % gs) * 0.5 * 2.0**110 - 3 * 2.0**110  # codes on exact halves, scale 2**109
+    w[2] = torch.where(torch.arange(k) % 2 == 0, 3.0e38, -3.0e38)  # max - min = inf
+    w[3] = torch.where(torch.arange(k) % gs == 0, 3.0e38, 1.0)  # one huge value a group
+    w[4] = torch.where(torch.arange(k) % gs == 0, -3.0e38, 1e-30)
+    w[5] *= 2.0**124
+    w = w.to(dtype).to(DEVICE)
+    ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, gs, bits, "affine"))
+    for a, b in zip(ours, theirs):
+        assert same_bits(a, b.to(DEVICE))
+
+
+def test_affine_quotients_are_at_least_minus_half(gen):
+    """encode.affine_codes clamps only from above: with lowbit.formats.affine's scale and bias (the same float32
+    arithmetic, copied), every finite group's quotient (g - bias) / scale is >= -1/2 (its code rounds to >= 0),
+    over groups of every sign pattern, spread and magnitude."""
+    n, gs = 20000, 16
+    w = torch.randn(n, gs, generator=gen, dtype=torch.float64)
+    w = w * torch.logspace(-40, 38, n, dtype=torch.float64)[torch.randperm(n, generator=gen)][:, None]
+    w[: n // 4] = w[: n // 4].abs()  # one-signed groups of either sign
+    w[n // 4: n // 2] = -w[n // 4: n // 2].abs()
+    w[n // 2: n // 2 + 1000] = w[n // 2: n // 2 + 1000, :1] + w[n // 2: n // 2 + 1000] * 1e-7  # narrow ranges
+    w[-1000:] = torch.round(w[-1000:] * 4) / 4 / 2.0**torch.randint(-10, 10, (1000, 1), generator=gen)  # halves
+    g = w.float()
+    g = g[torch.isfinite(g).all(-1)]
+    lo, hi = g.amin(-1), g.amax(-1)
+    for bits in range(2, 9):
+        n_steps = float(2**bits - 1)
+        scale = torch.clamp_min((hi - lo) / torch.full_like(hi, n_steps), 1e-7)
+        edge_is_min = lo.abs() > hi.abs()
+        edge = torch.where(edge_is_min, lo, hi)
+        scale = torch.where(edge_is_min, scale, -scale)
+        q0 = torch.round(edge / scale)
+        scale = torch.where(q0 != 0, edge / q0, scale)
+        bias = torch.where(q0 != 0, edge, torch.zeros_like(edge))
+        quotient = (g - bias[:, None]) / scale[:, None]
+        assert (quotient >= -0.5).all(), bits
+    narrow = torch.isfinite(hi - lo)  # (1 bit, an infinite scale: affine_quotient gives 0, the CPU path NaN -> 0)
+    assert ((g - lo[:, None]) / torch.clamp_min(hi - lo, 1e-7)[:, None] >= 0)[narrow].all()  # 1 bit
 
 
 @pytest.mark.parametrize("rows_outer", [True, False])
@@ -129,7 +177,7 @@ def test_tile_choice(monkeypatch):
     assert quantizer._tile(4096, "affine", 64, 2, 12) == (32, 256, 8, 4)
     assert quantizer._tile(128, "affine", 32, 4, 12) == (64, 128, 4, 4)
     assert quantizer._tile(4096, "mxfp8", 32, 2, 3) == (16, 256, 8, 4)
-    assert quantizer._tile(4096, "nvfp4", 16, 4, 3) == (8, 256, 4, 2)
+    assert quantizer._tile(4096, "nvfp4", 16, 4, 3) == (16, 256, 4, 2)
     interpret[0] = True
     assert quantizer._tile(4096, "affine", 64, 2, 14336) == (32, 256, 8, 4)  # large inputs: the GPU's tile
     assert quantizer._tile(128, "affine", 32, 4, 12) == (16, 128, 4, 4)  # 12 rows: 16, not 64
@@ -166,6 +214,8 @@ def _encoder_kernel(x_ptr, out_ptr, n, WHICH: tl.constexpr, HARDWARE: tl.constex
         tl.store(out_ptr + offs, e8m0_exponent_ceil(x).to(tl.float32), mask=mask)
     elif WHICH == 2:
         tl.store(out_ptr + offs, e4m3_encode(x, HARDWARE).to(tl.float32), mask=mask)
+    elif WHICH == 4:  # x: e4m3 bytes as float32
+        tl.store(out_ptr + offs, e4m3_value_hardware(x.to(tl.int32)), mask=mask)
     else:
         tl.store(out_ptr + offs, e2m1_encode(x).to(tl.float32), mask=mask)
 
@@ -232,6 +282,32 @@ def test_e2m1_encode_matches_the_codec(gen):
     x = torch.cat([every_bf16[every_bf16 == every_bf16], neighbours(deciding), -neighbours(deciding),
                    all_finite_float32_samples(gen), torch.tensor([1e30, -1e30, -0.0, float("inf"), -float("inf")])])
     assert torch.equal(encode_on_device(x, 3).to(torch.uint8), codecs.e2m1_encode(x))
+
+
+@pytest.mark.skipif(not GPU, reason="the conversion instruction is the GPU's (the interpreter decodes the bits)")
+def test_e4m3_value_hardware_matches_the_codec():
+    """nvfp4's block scale on the GPU: every e4m3 byte decoded by cvt.rn.f16x2.e4m3x2 is the codec's value (NaN for
+    0x7F and 0xFF, whatever the payload)."""
+    codes = torch.arange(256, dtype=torch.int32)
+    got = encode_on_device(codes.float(), 4)
+    want = codecs.e4m3_decode(codes.to(torch.uint8), torch.float32)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert same_bits(got[~want.isnan()], want[~want.isnan()])
+
+
+def test_block_scale_targets_of_bfloat16_from_the_reciprocal():
+    """quantizer._block_scale_target for bfloat16 w: bf16(amax * float32(1 / m)) == bf16(amax / m) (MLX's true
+    division, rounded to bfloat16) for every bfloat16 amax, m = 6 (nvfp4, mxfp4) and 448 (mxfp8); the kernel's
+    constants are float32(1 / m)."""
+    bits = torch.arange(0, 2**15, dtype=torch.int32).to(torch.int16)
+    amax = bits.view(torch.bfloat16).float()
+    amax = amax[torch.isfinite(amax)]
+    from lowbit.backends.triton.quantizer import _RECIPROCAL_448, _RECIPROCAL_6
+    for m, constant in ((6.0, _RECIPROCAL_6.value), (448.0, _RECIPROCAL_448.value)):
+        reciprocal = torch.ones(()) / m
+        assert reciprocal.item() == constant
+        product = (amax * reciprocal).to(torch.bfloat16).view(torch.int16)
+        assert torch.equal(product, (amax / torch.full_like(amax, m)).to(torch.bfloat16).view(torch.int16))
 
 
 @triton.jit
@@ -306,8 +382,9 @@ def _lanewise(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _run_ptx(text: str, operands: dict) -> dict:
-    """Execute the straight-line PTX of `text` (the instructions e2m1_words_bf16 uses) on int64 tensors holding
-    32-bit registers, with PTX's semantics: IEEE float32 products rounded to nearest even, cvt.rn to bfloat16,
+    """Execute the straight-line PTX of `text` (the instructions e2m1_words_bf16[_scaled] use) on int64 tensors
+    holding 32-bit registers, with PTX's semantics: IEEE float32 products rounded to nearest even, cvt.rn (cvt.rz)
+    to bfloat16,
     bfloat16 additions rounded once (the float64 sum of two bfloat16 values is exact where it matters: it rounds to
     the same bfloat16), 16-bit lanes for min/max.u16x2, 32-bit wrap-around integer arithmetic, prmt's byte select."""
     regs = dict(operands)
@@ -333,6 +410,10 @@ def _run_ptx(text: str, operands: dict) -> dict:
             r = _f32_bits(_as_f32(x[0]) * _as_f32(x[1]))
         elif op == "cvt.rn.bf16x2.f32":
             r = _bf16_bits(_as_f32(x[1])) | (_bf16_bits(_as_f32(x[0])) << 16)
+        elif op == "cvt.rz.bf16x2.f32":  # truncation (NaN never reaches it)
+            r = (x[1] >> 16) | ((x[0] >> 16) << 16)
+        elif op == "min.u32":
+            r = torch.minimum(x[0], x[1])
         elif op == "add.rn.bf16x2":
             r = _lanewise(lambda a, b: _bf16_bits(_bf16_value(a).double() + _bf16_value(b).double()), x[0], x[1])
         elif op == "min.u16x2":
@@ -360,13 +441,18 @@ def _run_ptx(text: str, operands: dict) -> dict:
     return regs
 
 
-def e2m1_words_emulated(g: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """The words of encode._E2M1_WORD_ASM for g (N, 8) float32 (bfloat16 values) and multiplier (N,) float32."""
-    from lowbit.backends.triton.encode import _E2M1_WORD_ASM
+def e2m1_words_emulated(g: torch.Tensor, multiplier: torch.Tensor, encode: torch.Tensor | None = None) -> torch.Tensor:
+    """The words of encode._E2M1_WORD_ASM for g (N, 8) float32 (bfloat16 values) and multiplier (N,) float32; with
+    `encode` (N,) float32, those of _E2M1_WORD_SCALED_ASM."""
+    from lowbit.backends.triton.encode import _E2M1_WORD_ASM, _E2M1_WORD_SCALED_ASM
     m = _f32_bits(multiplier.float().contiguous())
     operands = {f"${8 + i}": _f32_bits(g[:, i].float().contiguous()) for i in range(8)}
     operands.update({f"${16 + i}": m for i in range(8)})
-    return _run_ptx(_E2M1_WORD_ASM.value, operands)["$0"]
+    if encode is None:
+        return _run_ptx(_E2M1_WORD_ASM.value, operands)["$0"]
+    e = _f32_bits(encode.float().contiguous())
+    operands.update({f"${24 + i}": e for i in range(8)})
+    return _run_ptx(_E2M1_WORD_SCALED_ASM.value, operands)["$0"]
 
 
 def _words_of_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -388,7 +474,7 @@ def test_e2m1_word_asm_nvfp4_matches_the_codec(gen):
     e2m1(bf16(g / s)) for every bfloat16 g and every e4m3 block scale s (the product never crosses an e2m1 decision
     that the quotient does not), and the PTX's lanes, sign and packing are right: its own text, interpreted."""
     g = _every_bfloat16_in_eights(gen)
-    scales = codecs.e4m3_decode(torch.arange(1, 127, dtype=torch.uint8), torch.float32)  # every positive finite
+    scales = _every_e4m3_scale()
     for chunk in scales.split(16):
         gs = g.repeat(len(chunk), 1)
         s = chunk.repeat_interleave(len(g))
@@ -396,6 +482,72 @@ def test_e2m1_word_asm_nvfp4_matches_the_codec(gen):
         quotient = (gs.to(torch.bfloat16) / s[:, None].to(torch.bfloat16)).float()  # lowbit.formats.nvfp4's
         assert torch.equal(got, _words_of_codes(codecs.e2m1_encode(quotient)))
     assert torch.equal(e2m1_words_emulated(g, torch.zeros(len(g))), torch.zeros(len(g), dtype=torch.int64))  # unused
+
+
+def _every_e4m3_scale() -> torch.Tensor:
+    return codecs.e4m3_decode(torch.arange(1, 127, dtype=torch.uint8), torch.float32)  # every positive finite
+
+
+def test_bf16_of_the_reciprocal_product_is_the_bf16_quotient():
+    """The claim that nvfp4's GPU words rest on: bf16(g * div_rn(1, s)) == bf16(g / s) (lowbit.formats.nvfp4's
+    quotient, rounded to bfloat16) for every bfloat16 g and every e4m3 block scale s of either sign. (A quotient
+    rounds differently only within a float32 ulp or so of a bfloat16 midpoint, and g / s, with 8 and 4 significant
+    bits, never comes that close to one without being it.) So the tensor scale's product q = bf16(...) * encode is
+    the CPU path's q for any float32 encode factor."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    g = bits.view(torch.bfloat16)
+    g = g[torch.isfinite(g)]
+    for s in torch.cat([_every_e4m3_scale(), -_every_e4m3_scale()]):
+        product = (g.float() * (torch.ones(()) / s)).to(torch.bfloat16)
+        assert torch.equal(product.view(torch.int16), (g / s.to(torch.bfloat16)).view(torch.int16)), float(s)
+
+
+def _ties_and_neighbours_of(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, encode) pairs whose float32 product p * encode lands on, or one or two float32 steps beside, every e2m1
+    decision point (ties and saturation) of either sign, for each p (float32)."""
+    points = torch.tensor(E2M1_TIES + (6.0, 7.0), dtype=torch.float64)
+    encodes = (points[None, :] / p.double()[:, None]).float()  # (P, T): p * encode at or next to the point
+    out = [encodes]
+    for direction in (1e30, -1e30):
+        e = encodes
+        for _ in range(2):
+            e = torch.nextafter(e, torch.full_like(e, direction))
+            out.append(e)
+    encodes = torch.stack(out, -1).reshape(len(p), -1)
+    return p[:, None].expand_as(encodes).reshape(-1), encodes.reshape(-1)
+
+
+def test_e2m1_word_asm_tensor_scale_matches_the_codec(gen):
+    """nvfp4 with a tensor scale on the GPU (e2m1_words_bf16_scaled's PTX text, interpreted): e2m1(bf16(g *
+    div_rn(1, s)) * encode) is the CPU path's e2m1(bf16(g / s) * encode), for every bfloat16 g and e4m3 scale with
+    a few encode factors (2688 / amax of typical, tiny and huge tensors, negative, and 0 for unused groups), and for
+    products on and beside every e2m1 decision point: every bfloat16 p times the encode factors that put p * encode
+    there (the round-to-odd step is what keeps those exact)."""
+    g = _every_bfloat16_in_eights(gen)
+    scales = _every_e4m3_scale()
+    for encode in (2688 / 0.37, 1.0, 2688 / 3e-30, 2688 / 7e33, -2688 / 5.0):
+        encode = torch.tensor(encode, dtype=torch.float32)
+        for chunk in scales.split(32):
+            gs = g.repeat(len(chunk), 1)
+            s = chunk.repeat_interleave(len(g))
+            got = e2m1_words_emulated(gs, torch.ones_like(s) / s, encode.expand(len(s)))
+            quotient = (gs.to(torch.bfloat16) / s[:, None].to(torch.bfloat16)).float()  # lowbit.formats.nvfp4's
+            assert torch.equal(got, _words_of_codes(codecs.e2m1_encode(quotient * encode))), float(encode)
+    zeros = torch.zeros(len(g))
+    assert torch.equal(e2m1_words_emulated(g, zeros, zeros), torch.zeros(len(g), dtype=torch.int64))  # unused
+    p = g.reshape(-1)
+    p = p[p != 0]
+    p, encode = _ties_and_neighbours_of(p)
+    finite = torch.isfinite(encode)
+    p, encode = p[finite], encode[finite]
+    p = torch.cat([p, -p, p])
+    encode = torch.cat([encode, encode, -encode])
+    n = len(p) // 8 * 8
+    rows = p[:n].reshape(-1, 8)
+    e = encode[:n].reshape(-1, 8)
+    for lane in range(8):  # one encode factor per row: each lane's factor in turn
+        got = e2m1_words_emulated(rows, torch.ones(len(rows)), e[:, lane])
+        assert torch.equal(got, _words_of_codes(codecs.e2m1_encode(rows * e[:, lane : lane + 1]))), lane
 
 
 def test_e2m1_word_asm_mxfp4_matches_the_codec(gen):
@@ -422,7 +574,7 @@ def test_fp4_word_path_and_its_fallbacks_give_the_same_bytes(monkeypatch, mode, 
              "row stride not a multiple of 16": base[:, : 8 * 64 + 8].contiguous()[:, : 8 * 64],
              "column stride 2": base[:, : 8 * 64].contiguous()[:, ::2]}
     for name, w in cases.items():
-        words = quantizer._words_path(w.reshape(-1, w.shape[-1]), mode, None, None, 8, 256, 2)
+        words = quantizer._words_path(w.reshape(-1, w.shape[-1]), mode, None, 8, 256, 2)
         if name == "contiguous":
             assert words == GPU
         else:
@@ -430,4 +582,4 @@ def test_fp4_word_path_and_its_fallbacks_give_the_same_bytes(monkeypatch, mode, 
         ours, theirs = both_backends(monkeypatch, lambda: lowbit.quantize(w, gs, 4, mode))
         for a, b in zip(ours, theirs):
             assert same_bits(a, b.to(DEVICE)), name
-    assert not quantizer._words_path(base[:, :256].contiguous(), mode, None, None, 4, 2 * gs, 4)  # 2 values a thread
+    assert not quantizer._words_path(base[:, :256].contiguous(), mode, None, 4, 2 * gs, 4)  # 2 values a thread

@@ -67,10 +67,11 @@ def divide(a, s, inv_s, FAST: tl.constexpr):
     its range check: the first correction leaves the quotient within an ulp, and from a quotient within an ulp and a
     correctly rounded reciprocal the second gives the correctly rounded quotient (Markstein's theorem), provided no
     intermediate overflows or underflows (`fast_division_safe`). The interpreter's fma rounds twice: it divides."""
-    if FAST:
+    if FAST:  # (-s, not -q: fma(q, -s, a) is fma(-q, s, a) exactly, and -s is negated once per group, not per value)
+        neg_s = -s
         q = a * inv_s
-        q = tl.fma(tl.fma(-q, s, a), inv_s, q)
-        return tl.fma(tl.fma(-q, s, a), inv_s, q)
+        q = tl.fma(tl.fma(q, neg_s, a), inv_s, q)
+        return tl.fma(tl.fma(q, neg_s, a), inv_s, q)
     else:
         return tl.math.div_rn(a, s)
 
@@ -100,13 +101,45 @@ def divide_tile(a, s, inv_s, safe, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def affine_quotient(g, bias, scale, spread, INTERPRET: tl.constexpr):
+    """div_rn(g - bias, scale) of a finite affine group (affine_params' scale and bias; other groups' quotients are
+    unused): the values g (V, R, G, VEC), their groups' bias and scale (R, G), `spread` the (R, G) -> g broadcast;
+    0 where the scale is infinite (max - min overflowed: the CPU path's quotients are 0, or NaN for 1 bit, whose
+    code is 0 there too).
+
+    The group is first scaled by a power of two f, exactly: fma(g, f, -bias * f) is f * (g - bias) rounded once
+    (also with the interpreter's two roundings: g * f is exact but where it underflows, and then it is far below
+    half an ulp of bias * f, or the quotient is below 2**-100), and (f * a) / (f * s) is a / s. f = 1 for |scale| <
+    2**100; 2**-100 for larger finite scales (then |bias * f| >= |scale * f| >= 1 or bias = 0: no underflow); 0 for
+    an infinite one (and s = 1). That puts every group where the GPU's fast division is div_rn (`divide`, without
+    fast_division_safe's check): affine's scales are above 2**-60 (>= 1e-7 / 2, as edge / round(edge / scale) >
+    scale / 2), its quotients at most 2 * (2**bits - 1) + 1 in magnitude, far below 2**100."""
+    magnitude = tl.abs(scale)
+    f = tl.where(magnitude < 1.2676506002282294e30, 1.0,
+                 tl.where(magnitude < float("inf"), 7.888609052210118e-31, 0.0))
+    s = tl.where(f == 0.0, 1.0, scale * f)
+    a = tl.fma(g, spread(f), spread(-(bias * f)))
+    if INTERPRET:
+        return tl.math.div_rn(a, spread(s))
+    else:
+        inv_s = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        return divide(a, spread(s), spread(inv_s), True)
+
+
+@triton.jit
 def affine_codes(quotient, BITS: tl.constexpr):
-    """(g - b) / s, float32 -> int32 codes clamp(round((g - b) / s)), round half to even.
+    """(g - b) / s, float32 -> int32 codes clamp(round((g - b) / s)), round half to even, for the quotients of a
+    finite group with affine_params' scale and bias (a non-finite group's codes are replaced by the caller).
 
     Adding 1.5 * 2**23 rounds |quotient| < 2**22 to an integer (ties to even) held in the low mantissa bits; larger
-    quotients land outside the clamp either way. The clamp stays in float and the code is read off the bits: no
-    float -> int conversion (a quarter-rate instruction)."""
-    shifted = tl.minimum(tl.maximum(quotient + _ROUND_MAGIC, _ROUND_MAGIC), _ROUND_MAGIC + ((1 << BITS) - 1))
+    quotients land above the clamp either way. The clamp stays in float and the code is read off the bits: no
+    float -> int conversion (a quarter-rate instruction). Only the upper clamp is needed: every quotient is >= -1/2,
+    so the sum is >= 1.5 * 2**23 (its -1/2 tie rounds to the even 1.5 * 2**23). The scale is > 0 when the edge is
+    the min and < 0 when it is the max (edge / round(edge / scale) keeps the sign): with the edge as bias, g - bias
+    is 0 or of the scale's sign (one rounding of an exact difference keeps its sign); with bias 0, round(edge /
+    scale) == 0 puts edge / scale in [-1/2, 1/2], and g / scale is at or above it (the correctly rounded quotient
+    is monotonic in g); 1 bit: g - min >= 0 and the scale > 0 (affine_quotient: no NaN from an infinite scale)."""
+    shifted = tl.minimum(quotient + _ROUND_MAGIC, _ROUND_MAGIC + ((1 << BITS) - 1))
     return _as_bits(shifted) - 0x4B400000
 
 
@@ -178,6 +211,16 @@ def e4m3_encode(x, HARDWARE: tl.constexpr):
         return tl.where(finite, code, 0x7F) | sign
 
 
+@triton.jit
+def e4m3_value_hardware(code):
+    """GPU only (sm_89 on): e4m3fn byte (int32) -> float32, as decode.e4m3_value (0x7F / 0xFF are NaN), by the
+    conversion instruction to float16 (which holds every e4m3 value exactly), then to float32."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 byte, lo, hi; .reg .b32 pair; cvt.u16.u32 byte, $1; cvt.rn.f16x2.e4m3x2 pair, byte; "
+        "mov.b32 {lo, hi}, pair; cvt.f32.f16 $0, lo; }",
+        "=r,r", [code], dtype=tl.float32, is_pure=True, pack=1)
+
+
 # The e2m1 word encoder of bfloat16 weights on the GPU (`e2m1_words_bf16`): eight values a PTX block, two a 32-bit
 # register from the conversion to bfloat16 on. Per pair of values (lanes lo, hi of a register; value 2k in lo):
 #   b = |bf16(q)| clamped to 6 (the lane's bits, unsigned min); E = max(b's exponent bits, those of 1.0);
@@ -189,12 +232,12 @@ def e4m3_encode(x, HARDWARE: tl.constexpr):
 #   The sign (bit 3) is q's sign where b > 0.25 (b + 0x417F reaches bit 15 exactly from 0x3E81 on), i.e. where the
 #   code is not 0.
 # Then the four pairs are packed into one little-endian word of eight nibbles (value j at bits 4j).
-_E2M1_WORD_ASM = tl.constexpr("""{
-.reg .f32 q<8>;
-.reg .b32 p<4>, b<4>, e<4>, m<4>, s<4>, c<4>, z<4>, w<2>, t<2>, k<7>;
-mov.b32 k0, 0x40C040C0;
-mov.b32 k1, 0x3F803F80;
-mul.rn.f32 q0, $8, $16;
+# With a tensor scale (`e2m1_words_bf16_scaled`) the lanes' bfloat16 values p are widened, multiplied by the encode
+# factor in float32 (q = p * encode rounded once, the CPU path's product) and brought back to bfloat16 rounded to
+# odd (truncated, the last bit set where that dropped anything: the two products' low halves side by side, each
+# lane min'ed with 1): rounding that to e2m1 (which keeps at most 2 significant bits, bfloat16 8) gives e2m1(q)
+# itself, never a tie that q was not (the round-to-odd property).
+_E2M1_PRODUCTS = """mul.rn.f32 q0, $8, $16;
 mul.rn.f32 q1, $9, $17;
 mul.rn.f32 q2, $10, $18;
 mul.rn.f32 q3, $11, $19;
@@ -206,7 +249,17 @@ cvt.rn.bf16x2.f32 p0, q1, q0;
 cvt.rn.bf16x2.f32 p1, q3, q2;
 cvt.rn.bf16x2.f32 p2, q5, q4;
 cvt.rn.bf16x2.f32 p3, q7, q6;
-""" + "".join(f"""and.b32 b{k}, p{k}, 0x7FFF7FFF;
+"""
+_E2M1_TENSOR_SCALE = "".join(f"""shl.b32 b{k}, p{k}, 16;
+and.b32 e{k}, p{k}, 0xFFFF0000;
+mul.rn.f32 q{2 * k}, b{k}, ${24 + 2 * k};
+mul.rn.f32 q{2 * k + 1}, e{k}, ${25 + 2 * k};
+cvt.rz.bf16x2.f32 p{k}, q{2 * k + 1}, q{2 * k};
+prmt.b32 b{k}, q{2 * k}, q{2 * k + 1}, 0x5410;
+min.u16x2 b{k}, b{k}, k2;
+or.b32 p{k}, p{k}, b{k};
+""" for k in range(4))
+_E2M1_LANES = "".join(f"""and.b32 b{k}, p{k}, 0x7FFF7FFF;
 min.u16x2 b{k}, b{k}, k0;
 and.b32 e{k}, b{k}, 0x7F807F80;
 max.u16x2 e{k}, e{k}, k1;
@@ -230,9 +283,19 @@ or.b32 w1, c2, t1;
 shr.u32 t1, w1, 12;
 or.b32 w1, w1, t1;
 prmt.b32 $0, w0, w1, 0x5410;
-}""")
+}"""
+_E2M1_HEADER = """{
+.reg .f32 q<8>;
+.reg .b32 p<4>, b<4>, e<4>, m<4>, s<4>, c<4>, z<4>, w<2>, t<2>, k<7>;
+mov.b32 k0, 0x40C040C0;
+mov.b32 k1, 0x3F803F80;
+mov.b32 k2, 0x00010001;
+"""
+_E2M1_WORD_ASM = tl.constexpr(_E2M1_HEADER + _E2M1_PRODUCTS + _E2M1_LANES)
+_E2M1_WORD_SCALED_ASM = tl.constexpr(_E2M1_HEADER + _E2M1_PRODUCTS + _E2M1_TENSOR_SCALE + _E2M1_LANES)
 
 _E2M1_WORD_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))  # 8 results (the word in $0), 8 g, 8 m
+_E2M1_WORD_SCALED_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 24))  # and 8 encode factors
 
 
 @triton.jit
@@ -255,4 +318,18 @@ def e2m1_words_bf16(g, multiplier):
     m = tl.broadcast_to(multiplier, g.shape)
     words = tl.inline_asm_elementwise(_E2M1_WORD_ASM, _E2M1_WORD_CONSTRAINTS, [g, m], dtype=tl.int32, is_pure=True,
                                       pack=8)
+    return _first_of_8(words)
+
+
+@triton.jit
+def e2m1_words_bf16_scaled(g, multiplier, encode):
+    """GPU only (inline PTX, sm_90), nvfp4 with a tensor scale: the e2m1 codes of bf16(g * multiplier) * encode (a
+    float32 product), packed eight to a word, as e2m1_words_bf16 packs them. With multiplier = div_rn(1, scale),
+    bf16(g * multiplier) is the CPU path's bf16(g / scale) itself for every bfloat16 g and e4m3 scale (the tests
+    check every pair), so the product is the CPU path's q, whatever the encode factor; its e2m1 code is exact by
+    rounding to odd (see _E2M1_TENSOR_SCALE). `encode` (broadcast to g) must be 0 where the multiplier is."""
+    m = tl.broadcast_to(multiplier, g.shape)
+    e = tl.broadcast_to(encode, g.shape)
+    words = tl.inline_asm_elementwise(_E2M1_WORD_SCALED_ASM, _E2M1_WORD_SCALED_CONSTRAINTS, [g, m, e],
+                                      dtype=tl.int32, is_pure=True, pack=8)
     return _first_of_8(words)

@@ -19,7 +19,8 @@ from ...formats.nvfp4 import tensor_encode_scale
 from .. import interpreting
 from .decode import e4m3_value, round_to
 from .encode import (
-    affine_codes, affine_params, divide_tile, e2m1_encode, e2m1_words_bf16, e4m3_encode, e8m0_exponent_ceil,
+    affine_codes, affine_params, affine_quotient, divide_tile, e2m1_encode, e2m1_words_bf16,
+    e2m1_words_bf16_scaled, e4m3_encode, e4m3_value_hardware, e8m0_exponent_ceil,
     fast_division_safe, group_min_keeping_first_zero, power_of_two,
 )
 from .launch import MODE_IDS, TL_DTYPES
@@ -50,14 +51,13 @@ def _spread(t):
 
 
 @triton.jit
-def _store_packed(q_ptr, codes, row, group, g_mask, n_words, GS: tl.constexpr, VEC: tl.constexpr,
-                  BLOCK_R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
-    """Pack int32 codes (V, R, G, VEC) into MLX's little-endian bit stream and store the words; code (v, r, g, e)
-    is value v * VEC + e of group `group[g]` of row `row[r]`. Every word is built from one thread's registers, so
-    the shifts are constants and the packing is a few integer instructions per code."""
+def _packed_words(codes, GS: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr,
+                  BITS: tl.constexpr, WP: tl.constexpr):
+    """Pack int32 codes (V, R, G, VEC) into MLX's little-endian bit stream: -> int32 words (WP, R, G), word w of
+    each group (WP: GS * BITS / 32 rounded up to a power of two; the words past the group's are 0). Code
+    (v, r, g, e) is value v * VEC + e of its group. Every word is built from one thread's registers, so the shifts
+    are constants and the packing is a few integer instructions per code."""
     V: tl.constexpr = GS // VEC
-    mask = g_mask[None, :, :]
-    base = q_ptr + (row[:, None] * n_words)[None, :, :]
     if 32 % BITS == 0:  # whole codes per word
         PER: tl.constexpr = 32 // BITS
         M: tl.constexpr = PER // VEC if PER > VEC else 1  # vectors per word
@@ -66,22 +66,57 @@ def _store_packed(q_ptr, codes, row, group, g_mask, n_words, GS: tl.constexpr, V
         c = tl.reshape(codes, (V // M, M, BLOCK_R, G, NW, PV))
         shifts = (tl.arange(0, M)[:, None] * PV + tl.arange(0, PV)[None, :]) * BITS
         words = tl.sum(tl.sum(c << shifts[None, :, None, None, None, :], axis=5), axis=1)  # (V // M, R, G, NW)
-        word = (group[None, :, None] * (GS // PER) + (tl.arange(0, V // M)[:, None, None] * NW
-                + tl.arange(0, NW)[None, None, :]))  # (V // M, G, NW)
-        tl.store(base[:, :, :, None] + word[:, None, :, :], words, mask=mask[:, :, :, None])
+        return tl.reshape(tl.permute(words, (0, 3, 1, 2)), (WP, BLOCK_R, G))  # word v * NW + n
     else:  # 3, 5, 6 bits: every 32 codes (M vectors) fill BITS words, codes straddle words
         M: tl.constexpr = 32 // VEC
-        c = tl.reshape(codes, (V // M, M, BLOCK_R, G, VEC)).to(tl.uint32)
-        j = (tl.arange(0, M)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, None, None, :]  # code in the 32
-        superpack = group[None, :] * (GS // 32) + tl.arange(0, V // M)[:, None]  # (V // M, G)
-        for i in tl.static_range(BITS):
-            shift = j * BITS - 32 * i  # where code j starts relative to word i's bit 0
-            left = c << tl.minimum(tl.maximum(shift, 0), 31).to(tl.uint32)
-            right = c >> tl.minimum(tl.maximum(-shift, 0), 31).to(tl.uint32)
-            part = tl.where(shift >= 0, left, right)
-            part = tl.where((shift < 32) & (shift > -BITS), part, 0)
-            words = tl.sum(tl.sum(part.to(tl.int32, bitcast=True), axis=4), axis=1)  # disjoint bits: the sum is an OR
-            tl.store(base + (superpack * BITS + i)[:, None, :], words, mask=mask)
+        BP: tl.constexpr = 8 if BITS > 4 else 4  # word i of a superpack, BITS of BP used
+        c = tl.reshape(codes, (V // M, 1, M, BLOCK_R, G, VEC)).to(tl.uint32)
+        j = (tl.arange(0, M)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, None, :, None, None, :]  # code in 32
+        i = tl.arange(0, BP)[None, :, None, None, None, None]
+        shift = j * BITS - 32 * i  # where code j starts relative to word i's bit 0
+        left = c << tl.minimum(tl.maximum(shift, 0), 31).to(tl.uint32)
+        right = c >> tl.minimum(tl.maximum(-shift, 0), 31).to(tl.uint32)
+        part = tl.where(shift >= 0, left, right)
+        part = tl.where((shift < 32) & (shift > -BITS) & (i < BITS), part, 0)
+        words = tl.sum(tl.sum(part.to(tl.int32, bitcast=True), axis=5), axis=2)  # (V // M, BP, R, G): bits disjoint
+        w = tl.arange(0, WP)[:, None, None]  # word of the group: superpack p's word i is p * BITS + i
+        p = tl.arange(0, V // M)[None, :, None]
+        k = tl.arange(0, BP)[None, None, :]
+        pick = (w == p * BITS + k) & (k < BITS)  # (WP, V // M, BP), constant: register moves
+        words = tl.reshape(words, (1, V // M, BP, BLOCK_R, G))
+        return tl.sum(tl.sum(tl.where(pick[:, :, :, None, None], words, 0), axis=2), axis=1)
+
+
+@triton.jit
+def _store_group_words(q_ptr, words, row, group, g_mask, n_words, WG: tl.constexpr, ROWS_OUTER: tl.constexpr):
+    """Store words (WP, R, G), the first WG of each group's (its GS * BITS / 32 words, contiguous in q's row of
+    n_words), as 16-byte (or the widest aligned) stores from the thread that holds them.
+
+    The store's layout comes from Triton's coalescing pass, as the load's does (see _load_tile): the contiguous
+    axis gets up to 16 bytes a thread, then the threads go along the other axes in its tie order. So the words are
+    stored as (chunks of A, A) with the chunk axis ordered last among the ties: the threads go along R and G, as
+    they do for the values, and no layout conversion (shared memory, barriers) is needed."""
+    WP: tl.constexpr = words.shape[0]
+    A: tl.constexpr = 4 if WG % 4 == 0 else (2 if WG % 2 == 0 else 1)  # words a store (WG <= WP)
+    B: tl.constexpr = WP // A
+    chunks = tl.reshape(words, (B, A, words.shape[1], words.shape[2]))
+    w = tl.arange(0, B)[:, None] * A + tl.arange(0, A)[None, :]  # (B, A): word of the group
+    offsets = (row[:, None] * n_words + group[None, :] * WG)[None, None, :, :] + w[:, :, None, None]  # (B, A, R, G)
+    mask = g_mask[None, None, :, :] & (w < WG)[:, :, None, None]
+    if A == 1:  # (an odd WG) one store a word: a chunk axis would be the contiguous one, and get the threads
+        for b in tl.static_range(WG):
+            word = tl.sum(tl.where((tl.arange(0, WP) == b)[:, None, None], words, 0), axis=0)  # (R, G)
+            at = row[:, None] * n_words + group[None, :] * WG + b
+            if ROWS_OUTER:  # (G, R)
+                tl.store(q_ptr + tl.trans(at), tl.trans(word), mask=tl.trans(g_mask))
+            else:
+                tl.store(q_ptr + at, word, mask=g_mask)
+    elif ROWS_OUTER:  # (G, R, B, A): ties first-axis-first
+        tl.store(q_ptr + tl.permute(offsets, (3, 2, 0, 1)), tl.permute(chunks, (3, 2, 0, 1)),
+                 mask=tl.permute(mask, (3, 2, 0, 1)))
+    else:  # (B, R, G, A): ties last-axis-first
+        tl.store(q_ptr + tl.permute(offsets, (0, 2, 3, 1)), tl.permute(chunks, (0, 2, 3, 1)),
+                 mask=tl.permute(mask, (0, 2, 3, 1)))
 
 
 @triton.jit
@@ -98,10 +133,22 @@ def _stored_bits(value, finite, DTYPE: tl.constexpr):
         return tl.where(finite, value.to(tl.float16).to(tl.int16, bitcast=True), 0x7E00).to(tl.int16)
 
 
+_RECIPROCAL_6 = tl.constexpr(0.1666666716337204)  # float32(1 / 6)
+_RECIPROCAL_448 = tl.constexpr(0.0022321429569274187)  # float32(1 / 448)
+
+
 @triton.jit
-def _block_scale_target(amax, element_max, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """A group's amax / element_max: a true division rounded to w's dtype (as MLX), kept in float32."""
-    return round_to(tl.math.div_rn(amax, tl.full(amax.shape, element_max, tl.float32)), DTYPE, INTERPRET)
+def _block_scale_target(amax, element_max: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """A group's amax / element_max: a true division rounded to w's dtype (as MLX), kept in float32. For bfloat16
+    amax the product with the float32 reciprocal, rounded to bfloat16, is that (a test checks every bfloat16 amax)."""
+    if DTYPE == tl.bfloat16:
+        if element_max == 6.0:
+            return round_to(amax * _RECIPROCAL_6, DTYPE, INTERPRET)
+        else:
+            tl.static_assert(element_max == 448.0)
+            return round_to(amax * _RECIPROCAL_448, DTYPE, INTERPRET)
+    else:
+        return round_to(tl.math.div_rn(amax, tl.full(amax.shape, element_max, tl.float32)), DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -123,14 +170,14 @@ def _load_tile(w_ptr, row, group, g_mask, sw_r, sw_c, pos, GS: tl.constexpr, ROW
     offsets = (row * sw_r)[None, :, None, None] + ((group * GS)[None, None, :, None] + pos) * sw_c
     mask = tl.broadcast_to(_spread(g_mask), offsets.shape)
     if ROWS_OUTER:
-        values = tl.load(w_ptr + tl.permute(offsets, (1, 2, 0, 3)), mask=tl.permute(mask, (1, 2, 0, 3)), other=0.0)
-        return tl.permute(values, (2, 0, 1, 3))
+        values = tl.load(w_ptr + tl.permute(offsets, (2, 1, 0, 3)), mask=tl.permute(mask, (2, 1, 0, 3)), other=0.0)
+        return tl.permute(values, (2, 1, 0, 3))
     else:
         return tl.load(w_ptr + offsets, mask=mask, other=0.0)
 
 
 @triton.jit
-def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, sw_r, sw_c, n_col_tiles,
+def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, n_words, sw_r, sw_c, n_col_tiles,
                     MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
                     HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, ROWS_OUTER: tl.constexpr,
@@ -145,15 +192,16 @@ def quantize_kernel(w_ptr, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, n_rows, K, 
     pos = tl.arange(0, V)[:, None, None, None] * VEC + tl.arange(0, VEC)[None, None, None, :]  # value in its group
     row, group, g_mask = _tile_place(tl.program_id(0), n_col_tiles, n_rows, K, BLOCK_R, G, GS)
     raw = _load_tile(w_ptr, row, group, g_mask, sw_r, sw_c, pos, GS, ROWS_OUTER)
-    _quantize_tile(raw, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K,
-                   MODE, BITS, GS, W_DTYPE, HAS_ENCODE, FAKE, OUT_DTYPE, BLOCK_R, G, VEC, WORDS, INTERPRET)
+    _quantize_tile(raw, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K, n_words,
+                   MODE, BITS, GS, W_DTYPE, HAS_ENCODE, FAKE, OUT_DTYPE, BLOCK_R, G, VEC, ROWS_OUTER, WORDS, INTERPRET)
 
 
 @triton.jit
-def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K,
+def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, encode_ptr, K, n_words,
                    MODE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, W_DTYPE: tl.constexpr,
                    HAS_ENCODE: tl.constexpr, FAKE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                   BLOCK_R: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, WORDS: tl.constexpr,
+                   BLOCK_R: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, ROWS_OUTER: tl.constexpr,
+                   WORDS: tl.constexpr,
                    INTERPRET: tl.constexpr):
     """One tile (V, R, G, VEC): BLOCK_R rows by G groups, each group's GS values as V vectors of VEC (16 bytes of
     w). Triton lays the R and G axes across threads and V, VEC in each thread's registers, so a thread owns whole
@@ -174,10 +222,7 @@ def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, enc
         hi = _group_max(g)
         finite = (hi < float("inf")) & (lo > -float("inf"))  # (R, G): no NaN (hi is NaN then) and no +-inf
         scale, bias = affine_params(lo, hi, BITS)
-        inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        reach = tl.maximum(tl.abs(hi - bias), tl.abs(lo - bias))  # bounds |g - bias|
-        safe = fast_division_safe(reach, scale, inv_scale) | ~finite  # (non-finite groups: codes 0 below)
-        quotient = divide_tile(g - _spread(bias), _spread(scale), _spread(inv_scale), safe, INTERPRET)
+        quotient = affine_quotient(g, bias, scale, _spread, INTERPRET)
         codes = tl.where(_spread(finite), affine_codes(quotient, BITS), 0)
         tl.store(s_ptr + group_offsets, _stored_bits(scale, finite, W_DTYPE), mask=g_mask)
         tl.store(b_ptr + group_offsets, _stored_bits(bias, finite, W_DTYPE), mask=g_mask)
@@ -188,11 +233,16 @@ def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, enc
             scale_byte = e4m3_encode(s * encode, not INTERPRET)
         else:
             scale_byte = e4m3_encode(s, not INTERPRET)
-        block_scale = e4m3_value(scale_byte)
+        block_scale = e4m3_value(scale_byte) if INTERPRET else e4m3_value_hardware(scale_byte)
         inv_scale = tl.math.div_rn(tl.full(block_scale.shape, 1.0, tl.float32), block_scale)
-        unused = ~(block_scale > 0.0) | ~finite  # empty blocks (0 / 0) and NaN scales (s * encode overflowed)
-        if WORDS:  # bf16(g * inv_scale) has the codes of bf16(g / block_scale) (e2m1_words_bf16)
-            words = e2m1_words_bf16(g, _spread(tl.where(unused, 0.0, inv_scale)))
+        # empty blocks (0 / 0) and NaN scales (s * encode overflowed); a negative tensor scale makes them negative
+        unused = ~(tl.abs(block_scale) > 0.0) | ~finite
+        if WORDS:  # bf16(g * inv_scale) is bf16(g / block_scale) (e2m1_words_bf16, e2m1_words_bf16_scaled)
+            if HAS_ENCODE:
+                words = e2m1_words_bf16_scaled(g, _spread(tl.where(unused, 0.0, inv_scale)),
+                                               _spread(tl.where(unused, 0.0, encode)))
+            else:
+                words = e2m1_words_bf16(g, _spread(tl.where(unused, 0.0, inv_scale)))
         else:
             safe = fast_division_safe(amax, block_scale, inv_scale) | unused
             q = divide_tile(g, _spread(block_scale), _spread(inv_scale), safe, INTERPRET)
@@ -221,12 +271,13 @@ def _quantize_tile(g, row, group, g_mask, pos, q_ptr, s_ptr, b_ptr, out_ptr, enc
     else:
         if MODE != 0:
             tl.store(s_ptr + group_offsets, scale.to(tl.uint8), mask=g_mask)
+        WG: tl.constexpr = GS * BITS // 32
         if WORDS:  # (V, R, G): word v of each group; non-finite groups' codes are 0
             words = tl.where(finite[None, :, :], words, 0)
-            word = group[None, None, :] * (GS // 8) + tl.arange(0, GS // 8)[:, None, None]
-            tl.store(q_ptr + (row[:, None] * (K // 8))[None, :, :] + word, words, mask=g_mask[None, :, :])
         else:
-            _store_packed(q_ptr, codes, row, group, g_mask, K * BITS // 32, GS, VEC, BLOCK_R, G, BITS)
+            WP: tl.constexpr = WG if 32 % BITS == 0 else (8 if BITS > 4 else 4) * (GS // 32)  # (a power of two)
+            words = _packed_words(codes, GS, VEC, BLOCK_R, G, BITS, WP)
+        _store_group_words(q_ptr, words, row, group, g_mask, n_words, WG, ROWS_OUTER)
 
 
 # Before Triton 3.7 the coalescing pass breaks ties between equally contiguous axes first-axis-first (see _load_tile).
@@ -234,9 +285,10 @@ _COALESCE_TIES_FIRST_AXIS_FIRST = tuple(int(v) for v in triton.__version__.split
 
 
 # (values a thread, warps) of the default tile, from the H200 tile sweep (benchmarks/quantize_bench.py --sweep):
-# 64 values a thread (two or more groups) gives the affine and mxfp4 encoders more independent work; mxfp8 (whose
-# encode is one instruction per two values) and nvfp4 (more registers a group) do best with 32.
-_DEFAULT_TILE = {"affine": (64, 4), "mxfp4": (64, 4), "mxfp8": (32, 4), "nvfp4": (32, 2)}
+# 64 values a thread (two or more groups) gives the affine and fp4 encoders more independent work; mxfp8 (whose
+# encode is one instruction per two values) does best with 32. nvfp4 with the fp4 words: 16 x 256 with 2 warps
+# (45.2 µs, with a tensor scale 55.9) against 8 x 256 (49.7, 61.6), 32 x 256 with 4 warps (45.9, 57.0).
+_DEFAULT_TILE = {"affine": (64, 4), "mxfp4": (64, 4), "mxfp8": (32, 4), "nvfp4": (64, 2)}
 
 
 def _tile(k: int, mode: str, group_size: int, itemsize: int, n_rows: int) -> tuple[int, int, int, int]:
@@ -281,13 +333,12 @@ def _interpreter_tile(n_rows: int, k: int, group_size: int, block_r: int, block_
     return best[1], best[2]
 
 
-def _words_path(rows, mode, encode, out, block_r, block_c, warps) -> bool:
-    """Whether the fp4 codes are made by e2m1_words_bf16 (inline PTX on eight values at a time): on the GPU, for
-    bfloat16 w without a tensor scale (whose product needs the exact quotient), when the codes are stored (not
-    fake_quantize), and when each thread's registers hold whole 16-byte vectors of a row in order, as that PTX
-    reads them: the load is vectorized (unit column stride, 16-byte aligned start and rows) and a thread has 8 or
-    more values of the tile."""
-    return (not interpreting() and rows.dtype == torch.bfloat16 and out is None and encode is None
+def _words_path(rows, mode, out, block_r, block_c, warps) -> bool:
+    """Whether the fp4 codes are made by e2m1_words_bf16 (inline PTX on eight values at a time; nvfp4 with a tensor
+    scale: e2m1_words_bf16_scaled): on the GPU, for bfloat16 w, when the codes are stored (not fake_quantize), and
+    when each thread's registers hold whole 16-byte vectors of a row in order, as that PTX reads them: the load is
+    vectorized (unit column stride, 16-byte aligned start and rows) and a thread has 8 or more values of the tile."""
+    return (not interpreting() and rows.dtype == torch.bfloat16 and out is None
             and mode in ("mxfp4", "nvfp4") and rows.stride(-1) == 1 and rows.data_ptr() % 16 == 0
             and rows.stride(0) % 16 == 0 and block_r * block_c >= 8 * 32 * warps)
 
@@ -319,11 +370,12 @@ def _launch(w, mode, group_size, bits, global_scale, q, scales, biases, out):
     n_col_tiles = triton.cdiv(k, block_c)
     quantize_kernel[(triton.cdiv(n_rows, block_r) * n_col_tiles,)](
         rows, dummy if q is None else q.view(torch.int32), dummy, dummy if biases is None else biases,
-        dummy if out is None else out, dummy if encode is None else encode, n_rows, k, *rows.stride(), n_col_tiles,
+        dummy if out is None else out, dummy if encode is None else encode, n_rows, k, k * bits // 32, *rows.stride(),
+        n_col_tiles,
         MODE=MODE_IDS[mode], BITS=bits, GS=group_size, W_DTYPE=TL_DTYPES[w.dtype], HAS_ENCODE=encode is not None,
         FAKE=out is not None, OUT_DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c, VEC=vec,
         ROWS_OUTER=_COALESCE_TIES_FIRST_AXIS_FIRST,
-        WORDS=_words_path(rows, mode, encode, out, block_r, block_c, warps), INTERPRET=interpreting(),
+        WORDS=_words_path(rows, mode, out, block_r, block_c, warps), INTERPRET=interpreting(),
         num_warps=warps,
     )
 
