@@ -263,6 +263,8 @@ def eager_quantized_matmul(
     keep x's dtype. `global_scale` (nvfp4, a float32 scalar) is a lowbit extension.
     """
     op = "quantized_matmul"
+    # A call that repeats an earlier call's static facts (_product_key) runs the product the backend bound to them:
+    # the checks passed for those facts and the path is decided, so the call allocates its output and launches.
     key = bound = None
     if not tracing_shapes():
         try:
