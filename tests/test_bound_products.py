@@ -102,6 +102,73 @@ def _product(mode, gs, bits, scale, gen, k=256, n=96, transpose=True):
     return q, g
 
 
+# -- every layout of x, and graph capture ------------------------------------------------------------------------------
+
+
+def _x_layouts(k: int, gen, dtype=torch.bfloat16) -> dict:
+    """Activations of one product in every layout a caller may pass: 1-D, 2-D, 3-D, rows with a stride, and rows that
+    start off a 16-byte boundary (one element in)."""
+    buffer = randn(4 * 2 * k + 1, gen=gen, dtype=dtype)
+    return {
+        "vector": randn(k, gen=gen, dtype=dtype),
+        "rows": randn(3, k, gen=gen, dtype=dtype),
+        "batched": randn(2, 3, k, gen=gen, dtype=dtype),
+        "strided rows": buffer[: 4 * 2 * k].view(4, 2 * k)[:, :k],
+        "unaligned": buffer[1: 1 + 2 * k].view(2, k),
+    }
+
+
+@pytest.mark.parametrize("mode, gs, bits, with_scale", [("affine", 64, 4, False), ("mxfp4", 32, 4, False),
+                                                        ("nvfp4", 16, 4, True), ("affine", 32, 3, False)])
+def test_repeated_calls_run_the_bound_product_with_the_same_bits(monkeypatch, mode, gs, bits, with_scale, gen,
+                                                                 bound_calls):
+    """A quantized_matmul call that repeats an earlier call's static facts (shapes, strides, dtypes, devices) runs
+    the product bound to them (BoundProduct: plan, integer arguments and binaries fixed). Its bits equal the general
+    path's for every layout of x, and a new layout or a changed selection takes the general path again."""
+    k, n = 256, 96
+    g = torch.tensor(3.5, device=DEVICE) if with_scale else None
+    q = quantize3(randn(n, k, gen=gen, dtype=torch.bfloat16), gs, bits, mode, global_scale=g)
+    w_ref = dequantize_f64(q, gs, bits, mode, g).to(DEVICE)
+    for name, x in _x_layouts(k, gen).items():
+        forget_plans()
+        by_general_path = lowbit.quantized_matmul(x, *q, True, gs, bits, mode, global_scale=g)
+        assert not bound_calls, name
+        assert any(isinstance(b, qmm.BoundProduct) for b in BOUND_PRODUCTS.values()), name
+        for _ in range(2):  # (on the GPU the first call of a new alignment may take the general path; then bound)
+            again = lowbit.quantized_matmul(x.clone() if name in ("vector", "rows", "batched") else x, *q, True, gs,
+                                            bits, mode, global_scale=g)
+            assert same_bits(again, by_general_path), name
+        assert bound_calls and bound_calls[-1], name
+        assert again.shape == (*x.shape[:-1], n) and again.dtype == torch.bfloat16
+        assert rel_err(again, x.double() @ w_ref.T) < 1e-2, name
+        bound_calls.clear()
+    with pytest.raises(ValueError, match=r"\[quantized_matmul\] Last dimension of x"):  # a new fact: checked again
+        lowbit.quantized_matmul(randn(3, k + gs, gen=gen, dtype=torch.bfloat16), *q, True, gs, bits, mode,
+                                global_scale=g)
+    x = randn(3, k, gen=gen, dtype=torch.bfloat16)
+    triton_out = lowbit.quantized_matmul(x, *q, True, gs, bits, mode, global_scale=g)
+    monkeypatch.setenv("LOWBIT_BACKEND", "cpu")  # the selection is one of the facts
+    calls = len(bound_calls)
+    cpu_out = lowbit.quantized_matmul(x, *q, True, gs, bits, mode, global_scale=g)
+    assert len(bound_calls) == calls and rel_err(cpu_out, triton_out.double()) < 1e-2
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need the GPU")
+def test_bound_product_captured_in_a_cuda_graph(gen):
+    """A bound product captures in a CUDA graph (fresh split workspace owned by the graph) and its replay equals the
+    eager call for new activations written into the same input."""
+    q = quantize3(randn(512, 1024, gen=gen, dtype=torch.bfloat16), 32, 4, "mxfp4")
+    x = randn(1, 1024, gen=gen, dtype=torch.bfloat16)
+    for _ in range(2):
+        lowbit.quantized_matmul(x, *q, True, 32, 4, "mxfp4")  # warm-up: compiles, binds
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lowbit.quantized_matmul(x, *q, True, 32, 4, "mxfp4")
+    x.copy_(randn(1, 1024, gen=gen, dtype=torch.bfloat16))
+    graph.replay()
+    assert same_bits(out, lowbit.quantized_matmul(x, *q, True, 32, 4, "mxfp4"))
+
+
 # -- staleness: what the key does not see ------------------------------------------------------------------------
 
 
