@@ -639,6 +639,32 @@ def test_switch_glu_matches_loop_and_sorted_path(fmt):
         assert same_bits(y3.reshape(tokens, TOP_K, D), y)
 
 
+def test_switch_glu_checks_its_routing_once(monkeypatch):
+    """The three expert products of a quantized SwitchGLU route by one index tensor: its range is read on the host
+    once per forward (one sync), not once per product; indices out of range still raise gather_qmm's ValueError; a
+    gather_qmm call after the block checks again, and int32 routing (made int64 per call) is checked per call."""
+    gen = make_gen(24)
+    glu, _ = quantized_glu(gen, ("affine", 64, 4))
+    x = randn(gen, 3, D)
+    idx = routing(gen, 3)
+    reads = []  # (the range check reads each index tensor's torch.aminmax on the host)
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or aminmax(t))
+    with torch.no_grad():
+        y = glu(x, idx)
+        assert len(reads) == 1
+        reads.clear()
+        assert same_bits(glu(x, idx.int()), y) and len(reads) == 3
+        reads.clear()
+        lowbit.gather_qmm(x.unsqueeze(-2).unsqueeze(-2), glu.up_proj.weight, glu.up_proj.scales, glu.up_proj.biases,
+                          rhs_indices=idx, group_size=64, bits=4)
+        assert len(reads) == 1
+        bad = idx.clone()
+        bad[1, 0] = E
+        with pytest.raises(ValueError, match=rf"\[gather_qmm\] rhs_indices holds index {E}, out of range for the {E} "):
+            glu(x, bad)
+
+
 @pytest.mark.parametrize("fmt", [("affine", 64, 4), ("nvfp4", 16, 4)], ids=["affine", "nvfp4"])
 def test_switch_linear_sorted_flag_is_only_a_hint(fmt):
     gen = make_gen(22)

@@ -8,6 +8,7 @@ mlx-lm does, with results identical to unsorted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.matmul import routing_checked
 from .weights import QuantizedWeight
 
 SORT_FROM_ROWS = 64  # mlx-lm sorts the routed rows by expert from this many on
@@ -118,6 +120,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _routed_by(indices: torch.Tensor, experts: nn.Module):
+    """Within: the expert products that route by `indices` share one range check (ops.matmul.routing_checked: one
+    host sync per block instead of one per product) where `experts` is quantized; float experts index their weight
+    directly, and a compiled graph's op checks per call."""
+    if not isinstance(experts, QuantizedSwitchLinear) or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return routing_checked(indices, experts.num_experts)
+
+
 class SwitchGLU(nn.Module):
     """mlx-lm's SwitchGLU: out = down(act(gate(x), up(x))) over each token's top-k experts, (..., D) -> (..., k, D)."""
 
@@ -134,9 +145,10 @@ class SwitchGLU(nn.Module):
         idx, inverse = indices, None
         if do_sort:
             x, idx, inverse = gather_sort(x, indices)
-        up = self.up_proj(x, idx, sorted_indices=do_sort)
-        gate = self.gate_proj(x, idx, sorted_indices=do_sort)
-        y = self.down_proj(self.activation(gate, up), idx, sorted_indices=do_sort)
+        with _routed_by(idx, self.up_proj):
+            up = self.up_proj(x, idx, sorted_indices=do_sort)
+            gate = self.gate_proj(x, idx, sorted_indices=do_sort)
+            y = self.down_proj(self.activation(gate, up), idx, sorted_indices=do_sort)
         if do_sort:
             y = scatter_unsort(y, inverse, indices.shape)
         return y.squeeze(-2)
@@ -178,8 +190,9 @@ class QuantizedExperts(nn.Module):
         idx, inverse = top_k_index, None
         if do_sort:
             x, idx, inverse = gather_sort(x, top_k_index)
-        gate, up = self.gate_up_proj(x, idx, sorted_indices=do_sort).chunk(2, dim=-1)
-        y = self.down_proj(self.act_fn(gate) * up, idx, sorted_indices=do_sort)
+        with _routed_by(idx, self.gate_up_proj):
+            gate, up = self.gate_up_proj(x, idx, sorted_indices=do_sort).chunk(2, dim=-1)
+            y = self.down_proj(self.act_fn(gate) * up, idx, sorted_indices=do_sort)
         if do_sort:
             y = scatter_unsort(y, inverse, top_k_index.shape)
         y = y.squeeze(-2) * top_k_weights.unsqueeze(-1).to(y.dtype)  # (T, k, H)

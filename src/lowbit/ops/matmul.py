@@ -8,6 +8,7 @@ ignored. Gradients flow to x (fine-tuning adapters on frozen quantized weights).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -325,12 +326,48 @@ def _indices(op: str, name: str, idx, default_batch, device) -> torch.Tensor:
     return idx.long()  # MLX's own index dtype is uint32, which torch cannot reduce
 
 
+class _CheckedIndices(threading.local):
+    """This thread's index tensors checked by an enclosing `routing_checked`, with the matrix counts they fit."""
+
+    held: tuple = ()
+
+
+_CHECKED_INDICES = _CheckedIndices()
+
+
+class routing_checked:
+    """Within: gather_qmm calls whose rhs_indices is `indices` itself (the same int64 tensor) skip their range check,
+    for weights of up to `n_experts` matrices: it is checked once, on entry (one host sync, as one call's check).
+
+    For a mixture-of-experts block whose expert products all route by one index tensor (SwitchGLU: three, a
+    transformers experts module: two): one sync instead of one a product. The block's calls run in order on one
+    stream and none writes the indices, so what was checked is what they read. Not for use across calls that let
+    other code write the tensor in between."""
+
+    def __init__(self, indices: torch.Tensor, n_experts: int, op: str = "gather_qmm"):
+        self.indices, self.n_experts, self.op = indices, n_experts, op
+
+    def __enter__(self) -> None:
+        self.before = _CHECKED_INDICES.held
+        if self.indices.dtype == torch.int64:  # (other dtypes reach the kernels as new int64 tensors: checked there)
+            _check_index_ranges(self.op, [("rhs_indices", self.indices, (self.n_experts,))])
+            _CHECKED_INDICES.held = (*self.before, (self.indices, self.n_experts))
+
+    def __exit__(self, *exc) -> None:
+        _CHECKED_INDICES.held = self.before
+
+
+def _already_checked(idx: torch.Tensor, batch: tuple) -> bool:
+    return any(idx is held and checks.prod(batch) <= n for held, n in _CHECKED_INDICES.held)
+
+
 def _check_index_ranges(op: str, given: list[tuple[str, torch.Tensor, tuple]]) -> None:
-    """Every index within its flattened batch, read on the host in one transfer (one sync per call).
+    """Every index within its flattened batch, read on the host in one transfer (one sync per call; none for indices
+    an enclosing `routing_checked` checked).
 
     A CUDA graph capture cannot read device memory on the host: the check runs eagerly (the warm-up call before a
     capture checks the same routing code) and is skipped while capturing."""
-    given = [(name, idx, batch) for name, idx, batch in given if idx.numel()]
+    given = [(name, idx, batch) for name, idx, batch in given if idx.numel() and not _already_checked(idx, batch)]
     if not given or tracing_shapes() or (given[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     bounds = torch.stack([b for _, idx, _ in given for b in torch.aminmax(idx)]).tolist()
