@@ -169,6 +169,56 @@ def test_bound_product_captured_in_a_cuda_graph(gen):
     assert same_bits(out, lowbit.quantized_matmul(x, *q, True, 32, 4, "mxfp4"))
 
 
+# -- routed experts (gather_qmm with rhs_indices) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, gs, bits, per_expert_scale", [("affine", 64, 4, False), ("mxfp4", 32, 4, False),
+                                                              ("nvfp4", 16, 4, True), ("affine", 32, 3, False)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_routed_decode_calls_run_a_bound_product_with_the_same_bits(mode, gs, bits, per_expert_scale, tokens, gen,
+                                                                     bound_calls):
+    """Repeated gather_qmm calls routed by rhs_indices (each token's top-k experts: MoE decode) run a bound product
+    with the general path's bits for new routing each call; out-of-range routing still raises gather_qmm's error,
+    and routing the bound product cannot take (int32, non-contiguous) takes the general path with the same bits."""
+    experts, k, n, top_k = 8, 256, 64, 2
+    g = torch.rand(experts, generator=gen).to(DEVICE) + 0.5 if per_expert_scale else None
+    w = randn(experts, n, k, gen=gen, scale=k**-0.5)
+    q = quantize3(w, gs, bits, mode) if g is None else _per_expert(w, gs, bits, mode, g)
+    x = randn(tokens, 1, 1, k, gen=gen)
+    w_ref = dequantize_f64(q, gs, bits, mode).to(DEVICE)
+    if g is not None:
+        w_ref = w_ref * (g.double() / 2688.0)[:, None, None]
+
+    def call(idx):
+        return lowbit.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=gs, bits=bits, mode=mode,
+                                 global_scale=g)
+
+    for step in range(4):
+        idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)
+        BOUND_PRODUCTS.clear()
+        by_general_path = call(idx)
+        bound_calls.clear()
+        for _ in range(3):  # (a GPU's first call of a new alignment may take the general path, which compiles)
+            again = call(idx)
+            if bound_calls and bound_calls[-1]:
+                break
+        assert bound_calls and bound_calls[-1] and same_bits(again, by_general_path), step
+        ref = torch.einsum("tk,tjnk->tjn", x.reshape(tokens, k).double(), w_ref[idx])
+        assert rel_err(by_general_path.reshape(tokens, top_k, n), ref) < 1e-2
+        assert same_bits(call(idx.int()), by_general_path)  # (int32: the general path)
+        assert same_bits(call(idx.t().contiguous().t()), by_general_path)  # (a transposed copy: the general path)
+    bad = idx.clone()
+    bad[-1, -1] = experts
+    with pytest.raises(ValueError, match=rf"\[gather_qmm\] rhs_indices holds index {experts}, out of range"):
+        call(bad)
+
+
+def _per_expert(w, gs, bits, mode, g):
+    """nvfp4 experts each quantized with its own tensor scale."""
+    parts = [quantize3(w[e], gs, bits, mode, global_scale=g[e]) for e in range(w.shape[0])]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), None
+
+
 # -- staleness: what the key does not see ------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..backends import BOUND_PRODUCTS, backend_for, selection, tracing_shapes
+from ..backends import BOUND_PRODUCTS, backend_for, selection, tracing_shapes, workspace_per_call
 from ..formats import ModeSpec, resolve_params
 from ..formats.nvfp4 import tensor_decode_scale
 from . import checks
@@ -428,7 +428,54 @@ def eager_gather_qmm(
                              (1, n_experts), min_ndim=2)
     if lhs_indices is None and rhs_indices is None:
         return _matmul(op, x, wt, out_dtype)
-    return _gather(op, x, wt, lhs_indices, rhs_indices, out_dtype, bool(sorted_indices))
+    key = bound = None
+    if lhs_indices is None and not tracing_shapes():  # routed experts: a bound decode product may serve the call
+        try:
+            key = _routed_key(x, wt, rhs_indices, bool(sorted_indices))
+            bound = BOUND_PRODUCTS.get(key, _UNSEEN)
+        except (AttributeError, TypeError):  # not a tensor: _gather's checks say what is wrong
+            key = None
+        if bound is not None and bound is not _UNSEEN:
+            _check_index_ranges(op, [("rhs_indices", rhs_indices, wt.w.shape[:-2])])
+            out = bound(x, wt.w, wt.scales, wt.biases, wt.global_scale, rhs_indices)
+            if out is not None:
+                return out
+    out = _gather(op, x, wt, lhs_indices, rhs_indices, out_dtype, bool(sorted_indices))
+    if bound is _UNSEEN:
+        if len(BOUND_PRODUCTS) >= _MAX_PASSED:
+            BOUND_PRODUCTS.clear()
+        BOUND_PRODUCTS[key] = _bind_routed(op, x, wt, rhs_indices, out_dtype)
+    return out
+
+
+def _routed_key(x, wt: _Weight, rhs, sorted_indices: bool) -> tuple:
+    """_product_key's facts for a gather_qmm call with rhs_indices only (routed experts), the routing's included."""
+    return ("gather_qmm", rhs.shape, rhs.stride(), rhs.dtype, rhs.device, sorted_indices,
+            *_product_key(x, wt.w, wt.scales, wt.biases, wt.transpose, wt.group_size, wt.bits, wt.spec.name,
+                          wt.global_scale))
+
+
+def _bind_routed(op: str, x: torch.Tensor, wt: _Weight, rhs: torch.Tensor, out_dtype: torch.dtype):
+    """The backend's prepared decode product for later routed calls with the facts of this one, or None: the
+    backend has none; w is not one stack of experts; the routing is not one contiguous int64 tensor of the
+    broadcast shape; a gradient is wanted; or scratch is per call (a capture, a compiled graph: the items' x order
+    kept here must not live in a graph's memory)."""
+    tensors = (x, wt.scales, wt.biases, wt.global_scale)
+    if (wt.w.ndim != 3 or rhs.dtype != torch.int64 or not rhs.is_contiguous() or workspace_per_call()
+            or any(t is not None and t.requires_grad for t in tensors)
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return None
+    bind = getattr(backend_for(op, x.device), "bind_gather", None)
+    x_batch, m = tuple(x.shape[:-2]), x.shape[-2]
+    if bind is None or _broadcast(x_batch, tuple(rhs.shape)) != tuple(rhs.shape):
+        return None
+    x3 = x.reshape(-1, m, wt.k)
+    if x3.data_ptr() != x.data_ptr():  # (a copy)
+        return None
+    lhs = torch.arange(checks.prod(x_batch), device=x.device).reshape(x_batch).expand(rhs.shape).reshape(-1)
+    g = None if wt.global_scale is None else wt.global_scale.reshape(-1).expand(wt.w.shape[0])
+    return bind(x3, wt.w, wt.scales, wt.biases, g, lhs.contiguous(), (*rhs.shape, m, wt.n), wt.transpose,
+                wt.spec.name, wt.group_size, wt.bits, out_dtype)
 
 
 def _quantized_activations(op, x, wt: _Weight, global_scale_x) -> tuple[torch.Tensor, _Weight]:

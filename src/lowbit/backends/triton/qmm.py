@@ -463,54 +463,62 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
 
 
 class BoundProduct:
-    """One plain product x @ W (a 2-D weight) prepared for every later call whose arguments have the same static
-    facts (shapes, strides, dtypes, devices; the caller keys on them): the plan, the kernels' integer arguments and
-    their binaries are fixed, and the scratch buffers are the stream's, so a call is one allocation (the output) and
-    one launch (two where x is copied slot-major first). Calling it gives x.shape[:-1] + (N,), or None (nothing
-    launched) where a binary is not known yet: the caller then takes the general path (gather_qmm), which launches,
-    and so compiles, it."""
+    """One product prepared for every later call whose arguments have the same static facts (shapes, strides, dtypes,
+    devices; the caller keys on them): a plain x @ W, or a gathered decode product (per-item routing) whose x batches
+    come in a fixed order (`lhs`, kept here) and whose weights are chosen by the call's rhs. The plan, the kernels'
+    integer arguments and their binaries are fixed, and the scratch buffers are the stream's, so a call is one
+    allocation (the output) and one launch (two where x is copied slot-major first). Calling it gives `out_shape`,
+    or None (nothing launched) where a binary is not known yet: the caller then takes the general path
+    (gather_qmm), which launches, and so compiles, it."""
 
-    def __init__(self, x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, out_dtype):
-        k = x.shape[-1]
-        x3 = x.reshape(1, -1, k)  # (a view: `bind_product` binds only then)
-        plan, _, m, n, k, _ = _plan_for(x3, w_q, scales, biases, global_scale, None, transpose, mode, group_size,
-                                        bits, out_dtype)
-        self.plan, self.out_dtype, self.device = plan, out_dtype, x.device
-        self.out_shape = (*x.shape[:-1], n)
-        self.partials, self.tiles = plan.splits * m * n, plan.tiles
+    def __init__(self, x3, w_q, scales, biases, global_scale, lhs, out_shape, transpose, mode, group_size, bits,
+                 out_dtype):
+        """x3: x as gather_qmm sees it, (B, M, K); global_scale as gather_qmm sees it ((1,) or one per weight);
+        lhs: the items' x batches (None: one plain product)."""
+        plan, n_items, m, n, k, n_weights = _plan_for(x3, w_q, scales, biases, global_scale, lhs, transpose, mode,
+                                                      group_size, bits, out_dtype)
+        self.plan, self.out_dtype, self.device, self.lhs = plan, out_dtype, x3.device, lhs
+        self.out_shape = out_shape
+        self.partials, self.tiles = plan.splits * n_items * m * n, plan.tiles
         x_strides = x3.stride()
         self.slot_major = None
-        if plan.x_slot_major:  # x goes through a slot-major copy (1, M, K padded), contiguous
+        if plan.x_slot_major:  # x goes through a slot-major copy (B, M, K padded), contiguous
             shape, launch, grid, ints = slot_major_launch(x3, bits, plan.bk)
-            self.copy_numel = shape[1] * shape[2]
-            self.slot_major = BoundLaunch(launch, grid, (x.dtype, x.dtype), ints, (0, 1))
-            x_strides = (self.copy_numel, shape[2], 1)
+            self.copy_numel = shape[0] * shape[1] * shape[2]
+            self.slot_major = BoundLaunch(launch, grid, (x3.dtype, x3.dtype), ints, (0, 1))
+            x_strides = (shape[1] * shape[2], shape[2], 1)
         b, g = biases is not None, global_scale is not None
-        g_1 = global_scale.reshape(1) if g else None  # (as the ops layer passes a plain product's tensor scale)
-        ints = _qmm_ints(x_strides, w_q, scales, biases if b else scales, g_1, m, n, k, m, 1)
+        ints = _qmm_ints(x_strides, w_q, scales, biases if b else scales, global_scale, m, n, k, n_items * m,
+                         n_weights)
         split = plan.split_in_grid
-        # The call's tensors, by position: x, w_q, scales, out, partials, arrivals[, biases][, global_scale].
-        # qmm_kernel's 14 pointer arguments take them as gather_qmm passes them: missing biases, a missing tensor
-        # scale and the unused index arrays get scales; without splits in the grid, partials are out and the
-        # arrival counters scales.
+        # The call's tensors, by position: x, w_q, scales, out, partials, arrivals[, lhs, rhs][, biases]
+        # [, global_scale]. qmm_kernel's 14 pointer arguments take them as gather_qmm passes them: missing biases, a
+        # missing tensor scale and the unused index arrays get scales; without splits in the grid, partials are out
+        # and the arrival counters scales.
         X, W, S, OUT, PARTIALS, ARRIVALS = range(6)
-        tensors = [x.dtype, torch.int32, scales.dtype, plan.kernel_dtype, torch.float32 if split else None,
+        tensors = [x3.dtype, torch.int32, scales.dtype, plan.kernel_dtype, torch.float32 if split else None,
                    torch.int32 if split else None]
-        bias_at = g_at = S
+        lhs_at = rhs_at = bias_at = g_at = S
+        if lhs is not None:
+            lhs_at, rhs_at = len(tensors), len(tensors) + 1
+            tensors += (torch.int64, torch.int64)
         if b:
             bias_at = len(tensors)
             tensors.append(biases.dtype)
         if g:
             g_at = len(tensors)
             tensors.append(global_scale.dtype)
-        unused_indices = (S,) * 6  # lhs, rhs, rows, tile_w, tile_start, tile_rows
-        layout = (X, W, S, bias_at, g_at, *unused_indices, OUT, PARTIALS if split else OUT, ARRIVALS if split else S)
+        unused = (S,) * 4  # rows, tile_w, tile_start, tile_rows (the grouped routing's schedule)
+        layout = (X, W, S, bias_at, g_at, lhs_at, rhs_at, *unused, OUT, PARTIALS if split else OUT,
+                  ARRIVALS if split else S)
         self.qmm = BoundLaunch(plan.qmm, plan.grid, tuple(tensors[i] for i in layout), ints, layout)
 
-    def __call__(self, x, w_q, scales, biases, global_scale):
+    def __call__(self, x, w_q, scales, biases, global_scale, rhs=None):
         plan, device = self.plan, self.device
-        out = torch.empty(self.out_shape, dtype=plan.kernel_dtype, device=device)
         kept = _stream_scratch(device)
+        if self.lhs is not None and kept is None and device.type == "cuda":
+            return None  # (a capture or a compiled graph: the kept lhs must not be baked into a graph that outlives it)
+        out = torch.empty(self.out_shape, dtype=plan.kernel_dtype, device=device)
         if self.slot_major is not None:
             copy = _scratch(kept, "x", self.copy_numel, x.dtype, device)
             if not self.slot_major(x, copy):
@@ -522,6 +530,8 @@ class BoundProduct:
                         _scratch(kept, "arrivals", self.tiles, torch.int32, device))
         else:
             tensors += (out, out)  # (not read: the layout points those arguments elsewhere)
+        if self.lhs is not None:
+            tensors += (self.lhs, rhs)
         if biases is not None:
             tensors.append(biases)
         if global_scale is not None:
@@ -531,12 +541,32 @@ class BoundProduct:
         return out if plan.kernel_dtype == self.out_dtype else out.to(self.out_dtype)
 
 
+def _view(x, *shape):
+    """x.reshape(*shape) where that is a view of x (same first element), else None (reshape would copy)."""
+    viewed = x.reshape(*shape)
+    return viewed if viewed.data_ptr() == x.data_ptr() else None
+
+
 def bind_product(x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, out_dtype):
-    """A BoundProduct for calls like this one (x (..., K), a 2-D w_q), or None where the product takes another path:
-    the prefill path (large M), an empty product, or an x whose rows are not one strided matrix."""
+    """A BoundProduct for plain calls like this one (x (..., K), a 2-D w_q), or None where the product takes another
+    path: the prefill path (large M), an empty product, or an x whose rows are not one strided matrix."""
     k = x.shape[-1]
-    x3 = x.reshape(1, -1, k)
-    if x3.numel() == 0 or k == 0 or x3.data_ptr() != x.data_ptr():  # (a copy, not a view)
+    x3 = _view(x, 1, -1, k)
+    if x3 is None or x3.numel() == 0 or k == 0:
         return None
-    bound = BoundProduct(x, w_q, scales, biases, global_scale, transpose, mode, group_size, bits, out_dtype)
+    g = None if global_scale is None else global_scale.reshape(1)  # (as the ops layer passes a plain product's)
+    bound = BoundProduct(x3, w_q, scales, biases, g, None, (*x.shape[:-1], w_q.shape[-2] if transpose else
+                         w_q.shape[-1] * 32 // bits), transpose, mode, group_size, bits, out_dtype)
     return None if bound.plan.prefill else bound
+
+
+def bind_gather(x3, w_q, scales, biases, global_scale, lhs, out_shape, transpose, mode, group_size, bits,
+                out_dtype):
+    """A BoundProduct for gathered calls like this one: x3 (B, M, K) a view of the caller's x, w_q (E, R, C),
+    global_scale as gather_qmm takes it, lhs the items' x batches (kept: the caller's facts fix it), the call's rhs
+    given to each call. None unless decode-sized (per-item routing): grouped products sort their rows per call."""
+    if x3.numel() == 0 or x3.shape[-1] == 0 or lhs.numel() == 0:
+        return None
+    bound = BoundProduct(x3, w_q, scales, biases, global_scale, lhs, out_shape, transpose, mode, group_size, bits,
+                         out_dtype)
+    return bound if bound.plan.routing == PER_ITEM else None
