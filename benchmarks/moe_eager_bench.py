@@ -1,35 +1,20 @@
-"""Eager MoE decode: one quantized SwitchGLU forward (Qwen3-30B-A3B's expert shapes) per token, host time and GPU
-time, beside the same block's float experts.
+"""Eager MoE decode: one quantized SwitchGLU forward (Qwen3-30B-A3B's expert shapes), host time and GPU time.
 
 Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/moe_eager_bench.py [output.md]
-Host µs per forward: the median over 5 batches of 100 forwards enqueued without a sync (each forward's index range
-check is a host read, so a forward waits for the GPU work queued before it). GPU µs: the forward replayed in a CUDA
-graph."""
+Host µs per forward: the median over 5 batches of 100 forwards enqueued without a sync, each batch timed until the
+GPU has finished it (overhead_bench.host_us, drained; each forward's index range check is a host read, so a forward
+waits for the GPU work queued before it anyway). GPU µs: the forward replayed in a CUDA graph."""
 
-import statistics
 import sys
 import time
 
 import torch
+from overhead_bench import host_us  # (benchmarks/ is on the path when run as a script)
 
 from lowbit.bench_cuda import graph_time_us
 from lowbit.nn import SwitchGLU
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 128, 8, 2048, 768
-
-
-def host_us(call, n=500, batches=5) -> float:
-    for _ in range(20):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(n // batches):
-            call()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / (n // batches) * 1e6)
-    return statistics.median(times)
 
 
 def main():
@@ -44,7 +29,8 @@ def main():
                 x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=gen)
                 idx = torch.stack([torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]
                                    for _ in range(tokens)])
-                rows.append((f"{mode} g{gs} b{bits}", tokens, host_us(lambda: glu(x, idx)),
+                rows.append((f"{mode} g{gs} b{bits}", tokens,
+                             host_us(lambda: glu(x, idx), n=500, warmup=20, drained=True),
                              graph_time_us([lambda: glu(x, idx)])))
     lines = [f"# Eager MoE decode, SwitchGLU with Qwen3-30B-A3B expert shapes ({torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')})", "",

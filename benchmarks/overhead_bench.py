@@ -23,9 +23,10 @@ from lowbit.nn import QuantizedLinear
 N_CALLS = 2000
 
 
-def host_us(call, n=N_CALLS, batches=5) -> float:
-    """Median over `batches` of the host time per call of n / batches calls enqueued without a sync."""
-    for _ in range(50):
+def host_us(call, n=N_CALLS, batches=5, warmup=50, drained=False) -> float:
+    """Median over `batches` of the host time per call of n / batches calls enqueued without a sync (`drained`: the
+    batch's time runs until the GPU has finished it)."""
+    for _ in range(warmup):
         call()
     torch.cuda.synchronize()
     times = []
@@ -33,6 +34,8 @@ def host_us(call, n=N_CALLS, batches=5) -> float:
         start = time.perf_counter()
         for _ in range(n // batches):
             call()
+        if drained:
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / (n // batches) * 1e6)
         torch.cuda.synchronize()
     return statistics.median(times)
