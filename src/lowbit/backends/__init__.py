@@ -23,20 +23,21 @@ BACKENDS = ("auto", "cpu", "triton")
 _ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
+def _stored(name: bytes) -> bytes | str | None:
+    """The variable's value as os.environ stores it (bytes on POSIX), read cheaply (see _ENVIRON)."""
+    return os.environ.get(name.decode()) if _ENVIRON is None else _ENVIRON.get(name)
+
+
 def environment(name: bytes) -> str | None:
-    """os.environ.get(name) for an ASCII variable name given as bytes, read cheaply (see _ENVIRON)."""
-    if _ENVIRON is None:
-        return os.environ.get(name.decode())
-    value = _ENVIRON.get(name)
-    return None if value is None else os.fsdecode(value)
+    """os.environ.get(name) for an ASCII variable name given as bytes."""
+    value = _stored(name)
+    return value if value is None or isinstance(value, str) else os.fsdecode(value)
 
 
 def selection() -> tuple:
     """What backend_for's choice depends on besides the device: LOWBIT_BACKEND, TRITON_INTERPRET (as stored) and the
     tracing flag (a cache of per-call decisions keys on it)."""
-    if _ENVIRON is None:
-        return os.environ.get("LOWBIT_BACKEND"), os.environ.get("TRITON_INTERPRET"), _TRACING.up
-    return _ENVIRON.get(b"LOWBIT_BACKEND"), _ENVIRON.get(b"TRITON_INTERPRET"), _TRACING.up
+    return _stored(b"LOWBIT_BACKEND"), _stored(b"TRITON_INTERPRET"), _TRACING.up
 
 
 # The matmul op's prepared products (ops.matmul), by the static facts of the calls they serve. They hold backend

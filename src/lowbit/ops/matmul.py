@@ -266,27 +266,43 @@ def eager_quantized_matmul(
     op = "quantized_matmul"
     # A call that repeats an earlier call's static facts (_product_key) runs the product the backend bound to them:
     # the checks passed for those facts and the path is decided, so the call allocates its output and launches.
-    key = bound = None
-    if not tracing_shapes():
-        try:
-            key = _product_key(x, w, scales, biases, transpose, group_size, bits, mode, global_scale)
-            bound = BOUND_PRODUCTS.get(key, _UNSEEN)
-        except (AttributeError, TypeError):  # not tensors, unhashable parameters: the checks say what is wrong
-            key = None
-        if bound is not None and bound is not _UNSEEN:
-            out = bound(x, w, scales, biases, global_scale)
-            if out is not None:
-                return out
+    key, bound = _bound_product(_product_key, x, w, scales, biases, transpose, group_size, bits, mode, global_scale)
+    if bound is not None and bound is not _UNSEEN:
+        out = bound(x, w, scales, biases, global_scale)
+        if out is not None:
+            return out
     wt, out_dtype = _checked(op, x, w, scales, biases, transpose, group_size, bits, mode, global_scale)
     out = _matmul(op, x, wt, out_dtype)
     if bound is _UNSEEN:
-        if len(BOUND_PRODUCTS) >= _MAX_PASSED:
-            BOUND_PRODUCTS.clear()
-        BOUND_PRODUCTS[key] = _bind(op, x, wt, out_dtype)
+        _remember(key, _bind(op, x, wt, out_dtype))
     return out
 
 
 _UNSEEN = object()
+
+
+def _bound_product(make_key, *args) -> tuple:
+    """(the call's key, the product bound to it; _UNSEEN for a key not met yet; None where there is none or no key:
+    while tracing, or for arguments the key cannot be made of, whose checks then say what is wrong)."""
+    if tracing_shapes():
+        return None, None
+    try:
+        key = make_key(*args)
+        return key, BOUND_PRODUCTS.get(key, _UNSEEN)
+    except (AttributeError, TypeError):  # not tensors, unhashable parameters
+        return None, None
+
+
+def _remember(key: tuple, product) -> None:
+    """Keep a key's bound product (or None: the key's calls take the general path); the memo is bounded."""
+    if len(BOUND_PRODUCTS) >= _MAX_PASSED:
+        BOUND_PRODUCTS.clear()
+    BOUND_PRODUCTS[key] = product
+
+
+def _grad_free(x: torch.Tensor, wt: _Weight) -> bool:
+    """No argument of the call wants a gradient (a bound product has no autograd)."""
+    return not any(t is not None and t.requires_grad for t in (x, wt.scales, wt.biases, wt.global_scale))
 
 
 def _product_key(x, w, scales, biases, transpose, group_size, bits, mode, global_scale) -> tuple:
@@ -305,8 +321,7 @@ def _product_key(x, w, scales, biases, transpose, group_size, bits, mode, global
 def _bind(op: str, x: torch.Tensor, wt: _Weight, out_dtype: torch.dtype):
     """The backend's prepared product for later calls with the facts of this one (see _product_key), or None: the
     backend has none, the weight is batched, or a gradient is wanted (those calls take the general path)."""
-    tensors = (x, wt.scales, wt.biases, wt.global_scale)
-    if wt.w.ndim != 2 or any(t is not None and t.requires_grad for t in tensors):
+    if wt.w.ndim != 2 or not _grad_free(x, wt):
         return None
     bind = getattr(backend_for(op, x.device), "bind_product", None)
     if bind is None:
@@ -429,22 +444,16 @@ def eager_gather_qmm(
     if lhs_indices is None and rhs_indices is None:
         return _matmul(op, x, wt, out_dtype)
     key = bound = None
-    if lhs_indices is None and not tracing_shapes():  # routed experts: a bound decode product may serve the call
-        try:
-            key = _routed_key(x, wt, rhs_indices, bool(sorted_indices))
-            bound = BOUND_PRODUCTS.get(key, _UNSEEN)
-        except (AttributeError, TypeError):  # not a tensor: _gather's checks say what is wrong
-            key = None
-        if bound is not None and bound is not _UNSEEN:
-            _check_index_ranges(op, [("rhs_indices", rhs_indices, wt.w.shape[:-2])])
-            out = bound(x, wt.w, wt.scales, wt.biases, wt.global_scale, rhs_indices)
-            if out is not None:
-                return out
+    if lhs_indices is None:  # routed experts: a bound decode product may serve the call
+        key, bound = _bound_product(_routed_key, x, wt, rhs_indices, bool(sorted_indices))
+    if bound is not None and bound is not _UNSEEN:
+        _check_index_ranges(op, [("rhs_indices", rhs_indices, wt.w.shape[:-2])])
+        out = bound(x, wt.w, wt.scales, wt.biases, wt.global_scale, rhs_indices)
+        if out is not None:
+            return out
     out = _gather(op, x, wt, lhs_indices, rhs_indices, out_dtype, bool(sorted_indices))
     if bound is _UNSEEN:
-        if len(BOUND_PRODUCTS) >= _MAX_PASSED:
-            BOUND_PRODUCTS.clear()
-        BOUND_PRODUCTS[key] = _bind_routed(op, x, wt, rhs_indices, out_dtype)
+        _remember(key, _bind_routed(op, x, wt, rhs_indices, out_dtype))
     return out
 
 
@@ -460,10 +469,8 @@ def _bind_routed(op: str, x: torch.Tensor, wt: _Weight, rhs: torch.Tensor, out_d
     backend has none; w is not one stack of experts; the routing is not one contiguous int64 tensor of the
     broadcast shape; a gradient is wanted; or scratch is per call (a capture, a compiled graph: the items' x order
     kept here must not live in a graph's memory)."""
-    tensors = (x, wt.scales, wt.biases, wt.global_scale)
     if (wt.w.ndim != 3 or rhs.dtype != torch.int64 or not rhs.is_contiguous() or workspace_per_call()
-            or any(t is not None and t.requires_grad for t in tensors)
-            or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            or not _grad_free(x, wt) or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
         return None
     bind = getattr(backend_for(op, x.device), "bind_gather", None)
     x_batch, m = tuple(x.shape[:-2]), x.shape[-2]

@@ -409,10 +409,15 @@ def _batch_strides(t: torch.Tensor) -> tuple[int, ...]:
     return t.stride() if t.ndim == 3 else (0, *t.stride())
 
 
+def _output_features(w_q, transpose: bool, bits: int) -> int:
+    """N of x @ W: w_q's rows (transposed) or its unpacked columns."""
+    return w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
+
+
 def _plan_for(x, w_q, scales, biases, global_scale, lhs, transpose, mode, group_size, bits, out_dtype):
     indexed = lhs is not None
     n_items, m, k = lhs.shape[0] if indexed else 1, x.shape[-2], x.shape[-1]
-    n = w_q.shape[-2] if transpose else w_q.shape[-1] * 32 // bits
+    n = _output_features(w_q, transpose, bits)
     n_weights = w_q.shape[0] if w_q.ndim == 3 else 1
     return _plan(mode, group_size, bits, transpose, x.dtype, scales.dtype, None if biases is None else biases.dtype,
                  global_scale is not None, out_dtype, m, n, k, n_items, n_weights, indexed), n_items, m, n, k, n_weights
@@ -555,8 +560,8 @@ def bind_product(x, w_q, scales, biases, global_scale, transpose, mode, group_si
     if x3 is None or x3.numel() == 0 or k == 0:
         return None
     g = None if global_scale is None else global_scale.reshape(1)  # (as the ops layer passes a plain product's)
-    bound = BoundProduct(x3, w_q, scales, biases, g, None, (*x.shape[:-1], w_q.shape[-2] if transpose else
-                         w_q.shape[-1] * 32 // bits), transpose, mode, group_size, bits, out_dtype)
+    bound = BoundProduct(x3, w_q, scales, biases, g, None, (*x.shape[:-1], _output_features(w_q, transpose, bits)),
+                         transpose, mode, group_size, bits, out_dtype)
     return None if bound.plan.prefill else bound
 
 
