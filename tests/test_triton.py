@@ -159,6 +159,60 @@ def test_kernels_use_exactly_the_dequantized_values(monkeypatch, mode, gs, bits,
     assert same_bits(lowbit.quantized_matmul(eye, *q, transpose, gs, bits, mode), expected.T)
 
 
+def test_mxfp8_pair_decoder_text_gives_the_codec_values_for_every_code_and_scale(gen):
+    """The packed mxfp8 decoder's PTX (decode.E4M3_PAIR_ASM), run by the tests' PTX emulator (no GPU needed): every
+    pair of e4m3 codes, with other codes in the bytes between, times every e8m0 scale (in bf16 as packed_planes
+    forms it: bits e << 7, byte 0 the subnormal 2**-127) gives the bits of lowbit's codec product e4m3 * 2**(e - 127)
+    rounded once to bf16 in both lanes; the NaN codes 0x7F / 0xFF give NaN, and so does code 0 times the infinite
+    scale 255."""
+    from ptx_emulator import run_ptx
+
+    from lowbit.backends.triton.decode import E4M3_PAIR_ASM
+    from lowbit.formats.codecs import e4m3_decode, e8m0_decode
+
+    codes = torch.arange(256, dtype=torch.int64)
+    lo, hi = codes.repeat_interleave(256), codes.repeat(256)  # every (low lane, high lane) pair
+    between = torch.randint(0, 256, (2, len(lo)), generator=gen)
+    words = lo | (between[0] << 8) | (hi << 16) | (between[1] << 24)
+    for e in range(256):
+        bits = 0x40 if e == 0 else e << 7
+        out = run_ptx(E4M3_PAIR_ASM.value, {"$2": words, "$3": torch.tensor(bits | (bits << 16))})
+        scale = e8m0_decode(torch.tensor([e], dtype=torch.uint8), torch.float32)
+        for lane, code in (("$0", lo), ("$1", hi)):
+            got = out[lane].to(torch.int16).view(torch.bfloat16)
+            want = (e4m3_decode(code.to(torch.uint8), torch.float32) * scale).to(torch.bfloat16)
+            assert same_bits(got[~want.isnan()], want[~want.isnan()]), e
+            assert got[want.isnan()].isnan().all(), e
+    assert e4m3_decode(torch.tensor([0x7F, 0xFF], dtype=torch.uint8), torch.float32).isnan().all()
+
+
+@pytest.mark.skipif(not GPU, reason="the packed decoders are inline PTX (the CPU test above runs their text)")
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_mxfp8_kernels_decode_every_code_and_scale(monkeypatch, path, gen):
+    """mxfp8 weights holding every e4m3 code under every e8m0 scale byte (row r: scale byte r), plus rows with one
+    NaN code, through the decode kernel (16 rows of x a call) and the prefill kernel: one-hot rows of x pick single
+    weights, so each output is the weight's value exactly, and rows holding a NaN code or an infinite value come out
+    NaN (0 * NaN) or infinite exactly where the float64 product of the same one-hot x and dequantized w does."""
+    k = 256
+    finite = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F] + [0, 0])
+    codes = torch.stack([finite[torch.randperm(k, generator=gen)] for _ in range(264)])
+    codes[256 + torch.arange(8), torch.randint(0, k, (8,), generator=gen)] = torch.tensor([0x7F, 0xFF] * 4)
+    w_q = codes.to(torch.uint8).view(torch.int32).view(torch.uint32).to(DEVICE)
+    scale_bytes = torch.cat([torch.arange(256), torch.randint(100, 140, (8,), generator=gen)])
+    scales = scale_bytes[:, None].expand(264, k // 32).to(torch.uint8).contiguous().to(DEVICE)
+    eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE)
+    tune(monkeypatch, "LOWBIT_QMM_PREFILL_M", "1" if path == "prefill" else str(10**9))
+    if path == "prefill":
+        out = lowbit.quantized_matmul(eye, w_q, scales, None, True, 32, 8, "mxfp8")
+    else:
+        out = torch.cat([lowbit.quantized_matmul(eye[j:j + 16], w_q, scales, None, True, 32, 8, "mxfp8")
+                         for j in range(0, k, 16)])
+    w_hat = lowbit.dequantize(w_q, scales, None, 32, 8, "mxfp8", dtype=torch.bfloat16).double().cpu()
+    expected = eye.cpu().double() @ w_hat.T
+    assert expected[:, 256:].isnan().all() and expected[:, :255].isfinite().any()
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("magnitude", [1e-30, 1e-3, 1e30])
 def test_packed_affine4_exact_at_extreme_scales(magnitude, gen):
     """The bf16 4-bit decoder rounds code * scale with one fma on (128 + code) * scale - 128 * scale: exact for

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from conftest import ALL_CONFIGS, same_bits
+from ptx_emulator import f32_bits, run_ptx
 
 import lowbit
 from lowbit.formats import codecs
@@ -356,103 +357,18 @@ def test_fast_division_equals_div_rn(gen):
 
 # --- the GPU's e2m1 word encoder (inline PTX), run by a small interpreter of its own text -------------------------
 
-def _u32(x: torch.Tensor) -> torch.Tensor:
-    return x & 0xFFFFFFFF
-
-
-def _as_f32(x: torch.Tensor) -> torch.Tensor:
-    return _u32(x).to(torch.int64).to(torch.int32).view(torch.float32)
-
-
-def _f32_bits(f: torch.Tensor) -> torch.Tensor:
-    return f.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-
-
-def _bf16_bits(f: torch.Tensor) -> torch.Tensor:
-    """float -> bfloat16 bits, rounded to nearest even (torch's conversion)."""
-    return f.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
-
-
-def _bf16_value(bits: torch.Tensor) -> torch.Tensor:
-    return _as_f32(bits << 16)
-
-
-def _lanewise(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return op(a & 0xFFFF, b & 0xFFFF) | (op(a >> 16, b >> 16) << 16)
-
-
-def _run_ptx(text: str, operands: dict) -> dict:
-    """Execute the straight-line PTX of `text` (the instructions e2m1_words_bf16[_scaled] use) on int64 tensors
-    holding 32-bit registers, with PTX's semantics: IEEE float32 products rounded to nearest even, cvt.rn (cvt.rz)
-    to bfloat16,
-    bfloat16 additions rounded once (the float64 sum of two bfloat16 values is exact where it matters: it rounds to
-    the same bfloat16), 16-bit lanes for min/max.u16x2, 32-bit wrap-around integer arithmetic, prmt's byte select."""
-    regs = dict(operands)
-
-    def val(token):
-        token = token.strip()
-        if token.startswith("0x"):
-            return torch.tensor(int(token, 16), dtype=torch.int64)
-        if token.isdigit():
-            return torch.tensor(int(token), dtype=torch.int64)
-        return regs[token]
-
-    for line in text.replace("{", "").replace("}", "").split(";"):
-        line = line.strip()
-        if not line or line.startswith(".reg"):
-            continue
-        op, args = line.split(None, 1)
-        d, *src = [a.strip() for a in args.split(",")]
-        x = [val(s) for s in src]
-        if op == "mov.b32":
-            r = x[0] + torch.zeros_like(x[0])
-        elif op == "mul.rn.f32":
-            r = _f32_bits(_as_f32(x[0]) * _as_f32(x[1]))
-        elif op == "cvt.rn.bf16x2.f32":
-            r = _bf16_bits(_as_f32(x[1])) | (_bf16_bits(_as_f32(x[0])) << 16)
-        elif op == "cvt.rz.bf16x2.f32":  # truncation (NaN never reaches it)
-            r = (x[1] >> 16) | ((x[0] >> 16) << 16)
-        elif op == "min.u32":
-            r = torch.minimum(x[0], x[1])
-        elif op == "add.rn.bf16x2":
-            r = _lanewise(lambda a, b: _bf16_bits(_bf16_value(a).double() + _bf16_value(b).double()), x[0], x[1])
-        elif op == "min.u16x2":
-            r = _lanewise(torch.minimum, x[0], x[1])
-        elif op == "max.u16x2":
-            r = _lanewise(torch.maximum, x[0], x[1])
-        elif op == "and.b32":
-            r = x[0] & x[1]
-        elif op == "or.b32":
-            r = x[0] | x[1]
-        elif op == "add.u32":
-            r = x[0] + x[1]
-        elif op == "sub.u32":
-            r = x[0] - x[1]
-        elif op == "shl.b32":
-            r = x[0] << x[1]
-        elif op == "shr.u32":
-            r = x[0] >> x[1]
-        elif op == "prmt.b32":
-            pool = [(x[0] >> (8 * i)) & 0xFF for i in range(4)] + [(x[1] >> (8 * i)) & 0xFF for i in range(4)]
-            r = sum(pool[(int(x[2]) >> (4 * i)) & 7] << (8 * i) for i in range(4))
-        else:
-            raise NotImplementedError(op)
-        regs[d] = _u32(r)
-    return regs
-
-
 def e2m1_words_emulated(g: torch.Tensor, multiplier: torch.Tensor, encode: torch.Tensor | None = None) -> torch.Tensor:
     """The words of encode._E2M1_WORD_ASM for g (N, 8) float32 (bfloat16 values) and multiplier (N,) float32; with
     `encode` (N,) float32, those of _E2M1_WORD_SCALED_ASM."""
     from lowbit.backends.triton.encode import _E2M1_WORD_ASM, _E2M1_WORD_SCALED_ASM
-    m = _f32_bits(multiplier.float().contiguous())
-    operands = {f"${8 + i}": _f32_bits(g[:, i].float().contiguous()) for i in range(8)}
+    m = f32_bits(multiplier.float().contiguous())
+    operands = {f"${8 + i}": f32_bits(g[:, i].float().contiguous()) for i in range(8)}
     operands.update({f"${16 + i}": m for i in range(8)})
     if encode is None:
-        return _run_ptx(_E2M1_WORD_ASM.value, operands)["$0"]
-    e = _f32_bits(encode.float().contiguous())
+        return run_ptx(_E2M1_WORD_ASM.value, operands)["$0"]
+    e = f32_bits(encode.float().contiguous())
     operands.update({f"${24 + i}": e for i in range(8)})
-    return _run_ptx(_E2M1_WORD_SCALED_ASM.value, operands)["$0"]
+    return run_ptx(_E2M1_WORD_SCALED_ASM.value, operands)["$0"]
 
 
 def _words_of_codes(codes: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,9 @@ def slot_codes_runtime(w0, w1, w2, w3, w4, slot, BITS: tl.constexpr):
 # - affine: mul.rn(code, scale) then add.rn(., bias): the two roundings of MLX's dequantize (no fused multiply-add;
 #   each product of a <= 8-bit code and a 16-bit scale is exact before its one rounding);
 # - e2m1: the sign and the three exponent/mantissa bits moved into a bf16's bit positions read as 2**-126 times the
-#   value (subnormal for 0.5), times 2**126 and the power-of-two or e4m3 block scale: exact products.
+#   value (subnormal for 0.5), times 2**126 and the power-of-two or e4m3 block scale: exact products;
+# - e4m3: likewise, the seven exponent/mantissa bits read as 2**-120 times the magnitude (subnormal codes too), times
+#   2**120 (exact), times the power-of-two block scale (one rounding, as the float32 product's cast).
 
 
 @triton.jit
@@ -267,3 +269,28 @@ def e2m1_pair(words, scale2):
         mul.rn.bf16x2 v, v, $3;
         mov.b32 {$0, $1}, v; }""",
         "=h,=h,r,r", [words, scale2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+
+
+# e4m3 codes in bits 0-7 and 16-23 of $2 -> value * block scale ($3: two bf16 lanes) in bf16. The codes 0x7F / 0xFF
+# (NaN) are the only ones whose magnitude bits read above 448 * 2**-120: the compare turns their lanes to all ones, a
+# NaN, before the multiplies. (Module-level, so that the tests can run the text through their PTX emulator.)
+E4M3_PAIR_ASM = tl.constexpr("""{ .reg .b32 v, s, m, c;
+        shl.b32 v, $2, 4;
+        and.b32 v, v, 0x07F007F0;
+        mov.b32 c, 0x07E007E0;
+        set.gt.u32.bf16x2 m, v, c;
+        shl.b32 s, $2, 8;
+        and.b32 s, s, 0x80008000;
+        or.b32 v, v, s;
+        or.b32 v, v, m;
+        mov.b32 c, 0x7B807B80;
+        mul.rn.bf16x2 v, v, c;
+        mul.rn.bf16x2 v, v, $3;
+        mov.b32 {$0, $1}, v; }""")
+
+
+@triton.jit
+def e4m3_pair(words, scale2):
+    """e4m3 codes in bits 0-7 and 16-23 of `words` -> value * block scale in bf16 (scale2: two bf16 lanes)."""
+    return tl.inline_asm_elementwise(E4M3_PAIR_ASM, "=h,=h,r,r", [words, scale2], dtype=(tl.bfloat16, tl.bfloat16),
+                                     is_pure=True, pack=1)

@@ -125,8 +125,9 @@ def canonical_gemm_kernel(a_ptr, b_ptr, out_ptr, g_ptr, M, N, K, sa_m, sb_k, sb_
 
 
 def _gemm_config(m: int, n: int, splits: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); a tile choice never changes the bits. Smaller token
-    tiles while M alone would leave SMs idle (each program runs all of K)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); a tile of 4 or more warps (wgmma) never changes the bits
+    (fewer warps run mma.sync: other bits, see reduction.py). Smaller token tiles while M alone would leave SMs idle
+    (each program runs all of K)."""
     if interpreting():
         return 16, 32, 64, 4, 1
     override = os.environ.get("LOWBIT_GEMM_TILE")  # "BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages": a benchmark knob

@@ -216,8 +216,8 @@ def qmm_kernel(
 
 def _tile_config(rows_per_weight: int, interpret: bool):
     """(BLOCK_M rows, BLOCK_N weights, num_warps, num_stages, split_in_grid) by the rows that share a weight; on the
-    GPU any choice gives the same bits. The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the
-    tile shape: it keeps one."""
+    GPU any choice of 4 or more warps (wgmma) gives the same bits (fewer run mma.sync: other bits, see reduction.py).
+    The interpreter runs tl.dot as a numpy matmul, whose bits may depend on the tile shape: it keeps one."""
     if interpret:
         return 16, 128, 4, 1, True
     override = os.environ.get("LOWBIT_QMM_TILE")  # "BLOCK_M,BLOCK_N,num_warps,num_stages": a tuning knob for benchmarks

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .decode import (
-    affine4_pack_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_value, e8m0_value, pair_of,
+    affine4_pack_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_pair, e4m3_value, e8m0_value, pair_of,
     pack_group_tile, round_to, slot_codes, slot_codes_runtime, unpack_tile,
 )
 
@@ -116,6 +116,8 @@ def slot_plane_runtime(w0, w1, w2, w3, w4, scale, bias, slot, MODE: tl.constexpr
 def _packed_pair(words, scale2, bias2, MODE: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     if MODE == 0:  # (4-bit affine decodes by pack pairs, see packed_planes)
         return affine8_pair(words, scale2, bias2, DOT_DTYPE)
+    elif MODE == 2:
+        return e4m3_pair(words, scale2)
     else:
         return e2m1_pair(words, scale2)
 
@@ -134,7 +136,7 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
     (then the last four repeat plane 0). scale and bias are the (N, GROUPS) tiles as stored.
 
     Formats served (see `packed_decoding`): affine 4/8-bit with scales, biases and dot in one 16-bit dtype;
-    mxfp4 and nvfp4 with bf16 dots."""
+    mxfp4, mxfp8 and nvfp4 with bf16 dots."""
     if MODE == 0 and BITS == 4:  # pack-pair decoding (decode.py): even and odd packs side by side (one group)
         n: tl.constexpr = w0.shape[0]
         even, odd = tl.split(tl.reshape(w0, (n, PACKS // 2, 2)))
@@ -160,7 +162,7 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
     if MODE == 0:
         scale2 = per_pack(pair_of(scale), GROUPS, PACKS)
         bias2 = per_pack(pair_of(bias), GROUPS, PACKS)
-    elif MODE == 1:  # e8m0 byte e -> bf16 2**(e - 127): bits e << 7 (byte 0: the subnormal 2**-127, bits 0x40)
+    elif MODE == 1 or MODE == 2:  # e8m0 byte e -> bf16 2**(e - 127): bits e << 7 (byte 0: the subnormal 2**-127, 0x40)
         e = scale.to(tl.int32)
         bits = tl.where(e == 0, 0x40, e << 7)
         scale2 = per_pack((bits | (bits << 16)).to(tl.uint32, bitcast=True), GROUPS, PACKS)
@@ -208,7 +210,7 @@ def packed_decoding(mode: str, bits: int, scale_dtype, bias_dtype, weight_dtype,
     if mode == "affine":
         return (bits in (4, 8) and dot_dtype in (torch.bfloat16, torch.float16)
                 and scale_dtype == bias_dtype == weight_dtype == dot_dtype)
-    return mode in ("mxfp4", "nvfp4") and dot_dtype == torch.bfloat16
+    return mode in ("mxfp4", "mxfp8", "nvfp4") and dot_dtype == torch.bfloat16
 
 
 @triton.jit
