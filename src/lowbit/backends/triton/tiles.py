@@ -167,8 +167,11 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
         bits = tl.where(e == 0, 0x40, e << 7)
         scale2 = per_pack((bits | (bits << 16)).to(tl.uint32, bitcast=True), GROUPS, PACKS)
         bias2 = scale2
-    else:  # nvfp4: e4m3 is exact in bf16
-        scale2 = per_pack(pair_of(e4m3_value(scale.to(tl.int32)).to(tl.bfloat16)), GROUPS, PACKS)
+    else:  # nvfp4: the e4m3 block scale is exact in bf16; e4m3_pair decodes it (times 1.0) with a few bit operations
+        byte = scale.to(tl.int32) & 0xFF
+        one = tl.full(byte.shape, 0x3F803F80, tl.uint32)  # bf16 1.0 in both lanes
+        value, _ = e4m3_pair((byte | (byte << 16)).to(tl.uint32, bitcast=True), one)
+        scale2 = per_pack(pair_of(value), GROUPS, PACKS)
         bias2 = scale2
     if BITS == 4:
         p0, p4 = _packed_pair(w0, scale2, bias2, MODE, BITS, DOT_DTYPE)
