@@ -430,6 +430,19 @@ def _qmm_ints(x_strides, w_q, scales, b, global_scale, m, n, k, n_rows, n_weight
             *_batch_strides(w_q), *_batch_strides(scales), *_batch_strides(b), m * n, n, 1)
 
 
+def _qmm_pointers(x, w_q, scales, biases, global_scale, lhs, rhs, schedule, out, partials, arrivals) -> tuple:
+    """qmm_kernel's 14 pointer arguments in its order, from a call's tensors (BoundProduct: their positions in a
+    call's list). What a call does not have (None) is stood in for, as the kernel never reads it: biases, tensor
+    scale, index arrays and the grouped routing's schedule (rows, tile_w, tile_start, tile_rows) by scales; without
+    splits in the grid, the partials by out and the arrival counters by scales."""
+    def given(t):
+        return scales if t is None else t
+
+    return (x, w_q, scales, given(biases), given(global_scale), given(lhs), given(rhs),
+            *((scales,) * 4 if schedule is None else schedule), out, out if partials is None else partials,
+            given(arrivals))
+
+
 def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, group_size, bits, out_dtype,
                sorted_indices=False):
     """Backend entry: x (Bx, M, K), w_q (Bw, R, C), lhs/rhs (I,) -> (I, M, N); or lhs = rhs = None, x (1, M, K) and
@@ -448,22 +461,18 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         prefill_qmm(out[0], x[0].contiguous(), w_q, scales, biases, global_scale, transpose, *plan.prefill_args)
         return out.to(out_dtype)
     n_rows = n_items * m
-    partials, arrivals = out, scales  # (unused pointers unless the splits run in the grid)
+    partials = arrivals = None  # (unless the splits run in the grid)
     if plan.split_in_grid:
         kept = _stream_scratch(x.device)
         partials = _scratch(kept, "partials", plan.splits * n_rows * n, torch.float32, x.device)
         arrivals = _scratch(kept, "arrivals", plan.tiles, torch.int32, x.device)
-    b = biases if biases is not None else scales
-    g = global_scale if global_scale is not None else scales
-    rows = tile_w = tile_start = tile_rows = scales  # (unused pointers)
     if indexed:  # the kernels index them densely; broadcast index arrays arrive as stride-0 views
         lhs, rhs = lhs.contiguous(), rhs.contiguous()
-    else:
-        lhs = rhs = scales
-    if plan.routing == GROUPED:
-        rows, tile_w, tile_start, tile_rows = schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles)
-    plan.qmm(plan.grid, x, w_q.view(torch.int32), scales, b, g, lhs, rhs, rows, tile_w, tile_start, tile_rows, out,
-             partials, arrivals, *_qmm_ints(x.stride(), w_q, scales, b, global_scale, m, n, k, n_rows, n_weights))
+    grouped = schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles) if plan.routing == GROUPED else None
+    b = biases if biases is not None else scales
+    plan.qmm(plan.grid, *_qmm_pointers(x, w_q.view(torch.int32), scales, biases, global_scale, lhs, rhs, grouped, out,
+                                       partials, arrivals),
+             *_qmm_ints(x.stride(), w_q, scales, b, global_scale, m, n, k, n_rows, n_weights))
     return out if plan.kernel_dtype == out_dtype else out.to(out_dtype)
 
 
@@ -495,27 +504,24 @@ class BoundProduct:
         b, g = biases is not None, global_scale is not None
         ints = _qmm_ints(x_strides, w_q, scales, biases if b else scales, global_scale, m, n, k, n_items * m,
                          n_weights)
-        split = plan.split_in_grid
-        # The call's tensors, by position: x, w_q, scales, out, partials, arrivals[, lhs, rhs][, biases]
-        # [, global_scale]. qmm_kernel's 14 pointer arguments take them as gather_qmm passes them: missing biases, a
-        # missing tensor scale and the unused index arrays get scales; without splits in the grid, partials are out
-        # and the arrival counters scales.
-        X, W, S, OUT, PARTIALS, ARRIVALS = range(6)
-        tensors = [x3.dtype, torch.int32, scales.dtype, plan.kernel_dtype, torch.float32 if split else None,
-                   torch.int32 if split else None]
-        lhs_at = rhs_at = bias_at = g_at = S
+        # The call's tensors, by position (their dtypes here): x, w_q, scales, out[, partials, arrivals][, lhs, rhs]
+        # [, biases][, global_scale], laid out as gather_qmm passes them (_qmm_pointers).
+        tensors = [x3.dtype, torch.int32, scales.dtype, plan.kernel_dtype]
+        partials_at = arrivals_at = lhs_at = rhs_at = bias_at = g_at = None
+
+        def add(dtype) -> int:
+            tensors.append(dtype)
+            return len(tensors) - 1
+
+        if plan.split_in_grid:
+            partials_at, arrivals_at = add(torch.float32), add(torch.int32)
         if lhs is not None:
-            lhs_at, rhs_at = len(tensors), len(tensors) + 1
-            tensors += (torch.int64, torch.int64)
+            lhs_at, rhs_at = add(torch.int64), add(torch.int64)
         if b:
-            bias_at = len(tensors)
-            tensors.append(biases.dtype)
+            bias_at = add(biases.dtype)
         if g:
-            g_at = len(tensors)
-            tensors.append(global_scale.dtype)
-        unused = (S,) * 4  # rows, tile_w, tile_start, tile_rows (the grouped routing's schedule)
-        layout = (X, W, S, bias_at, g_at, lhs_at, rhs_at, *unused, OUT, PARTIALS if split else OUT,
-                  ARRIVALS if split else S)
+            g_at = add(global_scale.dtype)
+        layout = _qmm_pointers(0, 1, 2, bias_at, g_at, lhs_at, rhs_at, None, 3, partials_at, arrivals_at)
         self.qmm = BoundLaunch(plan.qmm, plan.grid, tuple(tensors[i] for i in layout), ints, layout)
 
     def __call__(self, x, w_q, scales, biases, global_scale, rhs=None):
@@ -533,8 +539,6 @@ class BoundProduct:
         if plan.split_in_grid:
             tensors += (_scratch(kept, "partials", self.partials, torch.float32, device),
                         _scratch(kept, "arrivals", self.tiles, torch.int32, device))
-        else:
-            tensors += (out, out)  # (not read: the layout points those arguments elsewhere)
         if self.lhs is not None:
             tensors += (self.lhs, rhs)
         if biases is not None:
