@@ -19,7 +19,8 @@ from lowbit.backends.triton.qmm import tuned
 from lowbit.bench_cuda import _nbytes, _weights, copy_bandwidth, graph_time_us
 
 FORMATS = (("affine", 64, 4), ("affine", 32, 4), ("affine", 128, 4), ("affine", 64, 8), ("mxfp4", 32, 4),
-           ("nvfp4", 16, 4), ("mxfp8", 32, 8))
+           ("nvfp4", 16, 4), ("mxfp8", 32, 8), ("affine", 64, 3), ("affine", 64, 6), ("affine", 64, 2),
+           ("affine", 32, 5))
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 MS = (1, 4, 16)
 SWEEP = tuple(os.environ.get("SWEEP", "16,64,4,4 16,64,4,6 16,128,8,4 16,64,8,4").split())

@@ -140,7 +140,10 @@ def test_rows_bit_identical_across_batch_sizes(mode, gs, bits, gen):
 PACKED_FORMATS = [("affine", 64, 4, torch.bfloat16), ("affine", 32, 4, torch.float16),
                   ("affine", 64, 8, torch.bfloat16), ("affine", 128, 8, torch.float16),
                   ("mxfp4", 32, 4, torch.bfloat16), ("nvfp4", 16, 4, torch.bfloat16),
-                  ("affine", 64, 3, torch.bfloat16), ("mxfp8", 32, 8, torch.bfloat16)]
+                  ("affine", 64, 3, torch.bfloat16), ("mxfp8", 32, 8, torch.bfloat16),
+                  ("affine", 32, 3, torch.float16), ("affine", 32, 5, torch.bfloat16),
+                  ("affine", 128, 6, torch.bfloat16), ("affine", 64, 6, torch.float16),
+                  ("affine", 64, 2, torch.bfloat16), ("affine", 32, 1, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("mode, gs, bits, dtype", PACKED_FORMATS)
@@ -214,16 +217,50 @@ def test_mxfp8_kernels_decode_every_code_and_scale(monkeypatch, path, gen):
 
 
 @pytest.mark.parametrize("magnitude", [1e-30, 1e-3, 1e30])
-def test_packed_affine4_exact_at_extreme_scales(magnitude, gen):
-    """The bf16 4-bit decoder rounds code * scale with one fma on (128 + code) * scale - 128 * scale: exact for
+@pytest.mark.parametrize("bits", [4, 3, 6, 1])
+def test_packed_affine_exact_at_extreme_scales(magnitude, bits, gen):
+    """The bf16 affine decoders round code * scale with one fma on (128 + code) * scale - 128 * scale: exact for
     subnormal and huge scales too (the dequantized values themselves come out of an identity product)."""
     k, n = 256, 64
     w = (randn(n, k, gen=gen, dtype=torch.float32) * magnitude).to(torch.bfloat16)
-    q = quantize3(w, 64, 4, "affine")
-    w_hat = lowbit.dequantize(*q, 64, 4, "affine", dtype=torch.bfloat16)
+    q = quantize3(w, 64, bits, "affine")
+    w_hat = lowbit.dequantize(*q, 64, bits, "affine", dtype=torch.bfloat16)
     eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE)
-    assert same_bits(lowbit.quantized_matmul(eye[:8], *q, True, 64, 4, "affine"), w_hat[:, :8].T)
-    assert same_bits(lowbit.quantized_matmul(eye[100:116], *q, True, 64, 4, "affine"), w_hat[:, 100:116].T)
+    assert same_bits(lowbit.quantized_matmul(eye[:8], *q, True, 64, bits, "affine"), w_hat[:, :8].T)
+    assert same_bits(lowbit.quantized_matmul(eye[100:116], *q, True, 64, bits, "affine"), w_hat[:, 100:116].T)
+
+
+@pytest.mark.skipif(not GPU, reason="the packed decoders are inline PTX")
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6])
+@pytest.mark.parametrize("gs, dtype", [(32, torch.bfloat16), (64, torch.float16), (128, torch.bfloat16)])
+def test_pack_pair_decoders_give_the_float32_decoders_bits(monkeypatch, bits, gs, dtype, gen):
+    """Affine 1/2/3/5/6-bit weights decode by pack pairs (inline PTX), or, under LOWBIT_QMM_PACKED=0, by the float32
+    decoders: the same values in the same canonical order, so the same bits. Decode tiles (M = 1 and 16, x reordered
+    before the launch or in the kernel), the prefill path and gathered products; K ends one group short of a K
+    block's end and runs over two splits; x is strided."""
+    k = 13 * block_k(bits, gs, True) - gs
+    w = quantize3(randn(3, 96, k, gen=gen, scale=k**-0.5, dtype=dtype), gs, bits, "affine")
+    w0 = tuple(t[0] for t in w)
+    x = randn(300, 2 * k, gen=gen, dtype=dtype)[:, ::2]
+    idx = torch.randint(0, 3, (5, 2), generator=gen).to(DEVICE)
+
+    def products():
+        tune(monkeypatch, "LOWBIT_QMM_PREFILL_M", str(10**9))
+        outputs = [lowbit.quantized_matmul(x[:m], *w0, True, gs, bits, "affine") for m in (1, 16)]
+        outputs.append(lowbit.gather_qmm(x[:5, None, None], *w, rhs_indices=idx, transpose=True, group_size=gs,
+                                         bits=bits, mode="affine"))
+        tune(monkeypatch, "LOWBIT_QMM_X_IN_KERNEL", "1")
+        outputs += [lowbit.quantized_matmul(x[:m], *w0, True, gs, bits, "affine") for m in (1, 16)]
+        tune(monkeypatch, "LOWBIT_QMM_X_IN_KERNEL", None)
+        tune(monkeypatch, "LOWBIT_QMM_PREFILL_M", "1")
+        outputs.append(lowbit.quantized_matmul(x, *w0, True, gs, bits, "affine"))
+        return outputs
+
+    packed = products()
+    tune(monkeypatch, "LOWBIT_QMM_PACKED", "0")
+    float32 = products()
+    assert rel_err(packed[1], x[:16].double() @ dequantize_f64(w0, gs, bits, "affine").to(DEVICE).T) < 1e-2
+    assert all(same_bits(a, b) for a, b in zip(packed, float32, strict=True))
 
 
 @pytest.mark.parametrize("mode, gs, bits, dtype", PACKED_FORMATS)

@@ -230,6 +230,53 @@ def affine4_pack_pair(nibbles_a, nibbles_b, scale2, neg128_scale2, bias2, BYTE: 
         return affine_pair_f16(codes, scale2, bias2)
 
 
+# Pack-pair decoding of 1/2/3/5/6-bit affine codes: slot_lanes puts code slot s of packs a and b at the bottom of
+# the two 16-bit lanes (prmt takes the 16 bits from the code's byte on of each pack, a shift drops the bits below
+# the code; a code that straddles two words is funnel-shifted out of each pack first), affine_lanes masks the code
+# bits, adds the magic number and rescales as affine4_pack_pair does: the same exact steps, the same bits.
+@triton.jit
+def gather_halves(a, b, FIRST: tl.constexpr):
+    """Bytes FIRST and FIRST + 1 of a in the low lane, the same bytes of b in the high lane (FIRST <= 2)."""
+    selector = tl.full(a.shape, FIRST | ((FIRST + 1) << 4) | ((FIRST + 4) << 8) | ((FIRST + 5) << 12), tl.uint32)
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, selector], dtype=tl.uint32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def slot_lanes(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, SLOT: tl.constexpr, BITS: tl.constexpr):
+    """Code slot SLOT of packs a and b (their word planes a0.., b0..; unused planes repeat plane 0) -> a uint32 with
+    a's code at bit 0 and b's at bit 16; the bits above each code are left over (the decoder masks them)."""
+    BIT: tl.constexpr = SLOT * BITS % 32
+    WORD: tl.constexpr = SLOT * BITS // 32
+    if BIT + BITS <= 32:  # in one word: the 16 bits from the code's byte (from byte 2 for a code in byte 3)
+        FIRST: tl.constexpr = BIT // 8 - BIT // 24
+        lanes = gather_halves(_select(WORD, a0, a1, a2, a3, a4), _select(WORD, b0, b1, b2, b3, b4), FIRST)
+        if BIT > 8 * FIRST:
+            lanes = lanes >> (BIT - 8 * FIRST)
+    else:  # across words WORD and WORD + 1: each pack's code funnel-shifted to bit 0 first
+        a = (_select(WORD, a0, a1, a2, a3, a4) >> BIT) | (_select(WORD + 1, a0, a1, a2, a3, a4) << (32 - BIT))
+        b = (_select(WORD, b0, b1, b2, b3, b4) >> BIT) | (_select(WORD + 1, b0, b1, b2, b3, b4) << (32 - BIT))
+        lanes = gather_halves(a, b, 0)
+    return lanes
+
+
+@triton.jit
+def affine_lanes(lanes, BITS: tl.constexpr, scale2, neg128_scale2, bias2, DTYPE: tl.constexpr):
+    """slot_lanes' two codes -> round(round(code * scale) + bias) in DTYPE (bf16 or f16), one per lane."""
+    mask2 = tl.full(lanes.shape, ((1 << BITS) - 1) * 0x10001, tl.uint32)
+    if DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t;
+            lop3.b32 t, $2, $3, 0x43004300, 0xEA;
+            fma.rn.bf16x2 t, t, $4, $5;
+            add.rn.bf16x2 t, t, $6;
+            mov.b32 {$0, $1}, t; }""",
+            "=h,=h,r,r,r,r,r", [lanes, mask2, scale2, neg128_scale2, bias2], dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=1)
+    else:
+        return affine_pair_f16(lanes & mask2, scale2, bias2)
+
+
 @triton.jit
 def affine8_pair(words, scale2, bias2, DTYPE: tl.constexpr):
     """Codes in bits 0-7 and 16-23 of `words` -> round(round(code * scale) + bias) in DTYPE (bf16 or f16).

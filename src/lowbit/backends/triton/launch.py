@@ -35,13 +35,14 @@ def _launch_hooks() -> bool:
 
 
 class Launcher:
-    """One @triton.jit kernel with its constexprs, num_warps and (at most) num_stages fixed."""
+    """One @triton.jit kernel with its constexprs, num_warps, (at most) num_stages and register cap fixed."""
 
-    def __init__(self, kernel, num_warps: int, num_stages: int, constexprs: dict):
+    def __init__(self, kernel, num_warps: int, num_stages: int, constexprs: dict, max_registers: int | None = None):
         self.kernel = kernel
         self.num_warps = num_warps
         self.num_stages = num_stages  # lowered, once, to what fits in shared memory
         self.constexprs = constexprs
+        self.options = {"maxnreg": max_registers} if max_registers else {}  # (compile options beside the above)
         self.compiled = isinstance(kernel, JITFunction)  # (with TRITON_INTERPRET=1, Triton's interpreted function)
         self._binaries: dict[tuple, object] = {}
         self._tail: tuple | None = None  # the constexpr values, in the kernel's parameter order after the runtime args
@@ -71,7 +72,7 @@ class Launcher:
         while True:
             try:
                 binary = self.kernel[grid](*args, **self.constexprs, num_warps=self.num_warps,
-                                           num_stages=self.num_stages)
+                                           num_stages=self.num_stages, **self.options)
                 break
             except OutOfResources:  # the pipeline depth changes when loads are issued, never the arithmetic
                 if self.num_stages == 1:
@@ -159,10 +160,11 @@ def _direct_launch(binary, tail: tuple) -> tuple:
 _LAUNCHERS: dict[tuple, Launcher] = {}
 
 
-def launcher(kernel, num_warps: int, num_stages: int, **constexprs) -> Launcher:
-    """The Launcher of `kernel` with these compile-time parameters (one per distinct set, kept for the process)."""
-    key = (kernel, num_warps, num_stages, *constexprs.items())
+def launcher(kernel, num_warps: int, num_stages: int, max_registers: int | None = None, **constexprs) -> Launcher:
+    """The Launcher of `kernel` with these compile-time parameters (one per distinct set, kept for the process);
+    max_registers caps ptxas's registers per thread (None: ptxas decides)."""
+    key = (kernel, num_warps, num_stages, max_registers, *constexprs.items())
     found = _LAUNCHERS.get(key)
     if found is None:
-        found = _LAUNCHERS[key] = Launcher(kernel, num_warps, num_stages, constexprs)
+        found = _LAUNCHERS[key] = Launcher(kernel, num_warps, num_stages, constexprs, max_registers)
     return found

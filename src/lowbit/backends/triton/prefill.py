@@ -20,7 +20,9 @@ import triton.language as tl
 from .. import interpreting
 from .decode import pack_geometry
 from .launch import MODE_IDS, TL_DTYPES, launcher
-from .tiles import block_tiles, nn_weight_tile, packed_planes, per_pack, slot_plane
+from .tiles import (
+    affine_plane, block_tiles, nn_weight_tile, pack_pair_operands, pack_pairs, packed_planes, per_pack, slot_plane,
+)
 
 SLAB_BYTES = 256 << 20  # at most this much dequantized weight at a time
 
@@ -46,7 +48,17 @@ def dequantize_nt_kernel(w_ptr, s_ptr, b_ptr, out_ptr, N, K, sw_r, sw_c, ss_r, s
     w0, w1, w2, w3, w4, scale, bias = block_tiles(w_ptr, s_ptr, b_ptr, kb, K, offs_n, n_mask, sw_r, sw_c, ss_r, ss_c,
                                                   sb_r, sb_c, MODE, GS, PER_PACK, WORDS, BLOCK_K)
     out_block = out_ptr + offs_n[:, None] * so_r + kb * BLOCK_K + tl.arange(0, PACKS)[None, :]
-    if PACKED:
+    if PACKED and BITS != 4 and BITS != 8:  # affine 1/2/3/5/6-bit: plane by plane, by pack pairs
+        a0, b0 = pack_pairs(w0)
+        a1, b1 = pack_pairs(w1)
+        a2, b2 = pack_pairs(w2)
+        a3, b3 = pack_pairs(w3)
+        a4, b4 = pack_pairs(w4)
+        scale2, neg2, bias2 = pack_pair_operands(scale, bias, GROUPS, PACKS, DOT_DTYPE)
+        for slot in tl.static_range(PER_PACK):
+            plane = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, slot, BITS, DOT_DTYPE)
+            _store_plane(out_block, plane, n_mask, slot, PACKS)
+    elif PACKED:
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, GROUPS, PACKS, DOT_DTYPE)
         _store_plane(out_block, p0, n_mask, 0, PACKS)
         _store_plane(out_block, p1, n_mask, 1, PACKS)

@@ -25,8 +25,8 @@ from .prefill import prefill_qmm
 from .reduction import block_k, k_splits, slot_major, slot_major_launch
 from .schedule import schedule, schedule_bound
 from .tiles import (
-    block_scales, block_words, nn_weight_tile, packed_decoding, packed_planes, per_pack, slot_major_tile, slot_plane,
-    slot_plane_runtime,
+    affine_eight_planes, block_scales, block_words, nn_weight_tile, pack_pair_operands, pack_pairs, packed_decoding,
+    packed_planes, per_pack, slot_major_tile, slot_plane, slot_plane_runtime,
 )
 
 @triton.jit
@@ -35,6 +35,25 @@ def _plane_dot(partial, plane, x_block, m_mask, SLOT: tl.constexpr, PACKS: tl.co
     """partial += plane (N, PACKS) @ the block's slot SLOT of x (PACKS, M); x_block points at slot 0."""
     x_t = tl.load(x_block + SLOT * PACKS, mask=m_mask[None, :], other=0.0)
     return tl.dot(plane, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
+
+
+@triton.jit
+def _x_slots(x_ptr, x_rows, sx_k, kb, K, m_mask, FIRST: tl.constexpr, SLOTS: tl.constexpr, PER_PACK: tl.constexpr,
+             BLOCK_K: tl.constexpr, X_SLOT_MAJOR: tl.constexpr):
+    """x's slots FIRST .. FIRST + SLOTS - 1 of K block kb, slot-major: (SLOTS * PACKS, M), the operand of those
+    planes' dot. From the slot-major copy (a contiguous run) or from x as given (a run of SLOTS per pack, reordered
+    here); past K: zeros."""
+    PACKS: tl.constexpr = BLOCK_K // PER_PACK
+    if X_SLOT_MAJOR:  # (zero-padded to whole blocks)
+        k = kb * BLOCK_K + FIRST * PACKS + tl.arange(0, SLOTS * PACKS)
+        return tl.load(x_ptr + x_rows[None, :] + k[:, None], mask=m_mask[None, :], other=0.0)
+    pack = kb * PACKS + tl.arange(0, PACKS)
+    k = tl.reshape((pack * PER_PACK + FIRST)[:, None] + tl.arange(0, SLOTS)[None, :], (PACKS * SLOTS,))
+    in_k = tl.max_constancy(tl.reshape(tl.broadcast_to((pack * PER_PACK < K)[:, None], (PACKS, SLOTS)),
+                                       (PACKS * SLOTS,)), [SLOTS])
+    x_t = tl.load(x_ptr + x_rows[None, :] + k[:, None] * sx_k, mask=in_k[:, None] & m_mask[None, :], other=0.0)
+    x_t = tl.permute(tl.reshape(x_t, (PACKS, SLOTS, x_t.shape[1])), (1, 0, 2))
+    return tl.reshape(x_t, (SLOTS * PACKS, x_t.shape[2]))
 
 
 @triton.jit
@@ -54,10 +73,23 @@ def _nt_block(partial, x_ptr, x_rows, sx_k, w_base, scale, bias, kb, K, m_mask, 
     GROUPS: tl.constexpr = BLOCK_K // GS
     w0, w1, w2, w3, w4 = block_words(w_base, kb * PACKS, K, offs_n, n_mask, sw_r, sw_c, GS, PER_PACK, WORDS,
                                      BLOCKS * PACKS)
-    if PACKED:  # the blocks' planes side by side, slot-major: one (N, BLOCKS * BLOCK_K) operand, one dot
+    if PACKED and BITS != 4 and BITS != 8:  # affine 1/2/3/5/6-bit (BLOCKS 1): eight planes a dot, in slot order
+        a0, b0 = pack_pairs(w0)
+        a1, b1 = pack_pairs(w1)
+        a2, b2 = pack_pairs(w2)
+        a3, b3 = pack_pairs(w3)
+        a4, b4 = pack_pairs(w4)
+        scale2, neg2, bias2 = pack_pair_operands(scale, bias, GROUPS, PACKS, DOT_DTYPE)
+        for first in tl.static_range(0, PER_PACK, 8):
+            p0, p1, p2, p3, p4, p5, p6, p7 = affine_eight_planes(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2,
+                                                                 neg2, bias2, first, BITS, DOT_DTYPE)
+            tile = slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, 8, 1)
+            x_t = _x_slots(x_ptr, x_rows, sx_k, kb, K, m_mask, first, 8, PER_PACK, BLOCK_K, X_SLOT_MAJOR)
+            partial = tl.dot(tile, x_t.to(DOT_DTYPE), partial, input_precision=PRECISION)
+    elif PACKED:  # the blocks' planes side by side, slot-major: one (N, BLOCKS * BLOCK_K) operand, one dot
         p0, p1, p2, p3, p4, p5, p6, p7 = packed_planes(w0, scale, bias, MODE, BITS, BLOCKS * GROUPS, BLOCKS * PACKS,
                                                        DOT_DTYPE)
-        tile = slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS, BLOCKS)
+        tile = slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, 8 if BITS == 4 else 4, BLOCKS)
         k = kb * BLOCK_K + tl.arange(0, BLOCKS * BLOCK_K)
         if X_SLOT_MAJOR:  # zero-padded to whole blocks: only blocks past the split's last one are masked
             x_mask = tl.max_constancy((k < tl.cdiv(K, BLOCK_K) * BLOCK_K)[:, None] & m_mask[None, :], [BLOCK_K, 1])
@@ -260,6 +292,11 @@ def _prefill_min_m(interpret: bool) -> int | None:
     return None if interpret else PREFILL_MIN_M
 
 
+# Registers per thread of the decode tiles of 3/5/6-bit packs (see _Plan). Measured on an H200 at M = 1 / 16 against
+# no cap: affine3 g64 14336 x 4096 38.5 -> 30.5 us, affine6 g64 45.0 -> 41.3 us and 4096^2 18.7 -> 15.3 us, affine5
+# g32 (cap 168) 54.8 -> 49.3 us; affine3 4096^2 13.8 -> 14.5 us is the one shape it slows.
+DECODE_MAX_REGISTERS = {3: 128, 5: 168, 6: 128}
+
 PLAIN, PER_ITEM, GROUPED = 0, 1, 2  # qmm_kernel's ROUTING
 GROUP_MIN_ROWS = 64  # gathered products with fewer output rows (and M <= 16) run one row tile per item
 
@@ -298,6 +335,16 @@ class _Plan:
         self.routing = routing = _routing(indexed, m, n_rows)
         block_m, block_n, warps, stages, split_in_grid = _tile_config(
             -(-n_rows // min(n_weights, n_items)) if routing == GROUPED else m, interpret)
+        per_pack, words, words_pow2 = pack_geometry(bits)
+        if words > 1 and transpose and not os.environ.get("LOWBIT_QMM_TILE"):
+            # 3/5/6-bit packs span 3 or 5 words, so a row's words are strided by the pack: software pipelining copies
+            # them to shared memory 4 bytes at a time, which saturates the L1/shared pipe (ncu, affine6 on an H200:
+            # 77% busy at 11% of DRAM bandwidth). Loaded straight into registers they decode 30-45% faster.
+            stages = 1
+        # A register cap for the multi-word decode tiles (ptxas otherwise takes 200-240 a thread: 2 programs per SM).
+        # LOWBIT_QMM_MAXNREG overrides it (a tuning knob); the cap moves registers, never the arithmetic.
+        max_registers = int(os.environ.get("LOWBIT_QMM_MAXNREG", 0)) or (
+            DECODE_MAX_REGISTERS.get(bits) if packed and transpose and block_m <= 16 else None)
         self.block_m = block_m
         # the splits run in the grid (partials folded by each tile's last program) or in one program's loop; a knob
         # for tests and benchmarks, which must see the same bits either way
@@ -309,6 +356,7 @@ class _Plan:
         # program runs several splits in one loop (a step must not straddle a split's end).
         blocks = int(os.environ.get("LOWBIT_QMM_BLOCKS", 2 if bk == group_size else 1)) if packed else 1
         blocks = 1 if splits > 1 and not split_in_grid else blocks
+        blocks = blocks if bits in (4, 8) else 1  # (other affine widths decode plane by plane: one block a step)
         # Where x is reordered slot-major: by a pass before the launch (a launch of its own), or per K block in the
         # kernel. Measured on an H200 at M = 1-16 (decode tiles, packed decoders): in the kernel, mxfp4 and nvfp4
         # decode 3-21% faster (fewer registers), affine 4-bit 3-15% slower on the Llama MLP shapes; wider row tiles
@@ -324,9 +372,8 @@ class _Plan:
             self.row_tiles = triton.cdiv(m, block_m)
         self.tiles = self.row_tiles * triton.cdiv(n, block_n)
         self.grid = (self.tiles * (splits if split_in_grid else 1),)
-        per_pack, words, words_pow2 = pack_geometry(bits)
         self.qmm = launcher(
-            qmm_kernel, warps, stages,
+            qmm_kernel, warps, stages, max_registers,
             MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=has_global,
             PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
             SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .decode import (
-    affine4_pack_pair, affine8_pair, e2m1_pair, e2m1_value, e4m3_pair, e4m3_value, e8m0_value, pair_of,
-    pack_group_tile, round_to, slot_codes, slot_codes_runtime, unpack_tile,
+    affine4_pack_pair, affine8_pair, affine_lanes, e2m1_pair, e2m1_value, e4m3_pair, e4m3_value, e8m0_value,
+    pack_group_tile, pair_of, round_to, slot_codes, slot_codes_runtime, slot_lanes, unpack_tile,
 )
 
 
@@ -130,22 +130,74 @@ def _pack_pair_plane(nib_a, nib_b, scale2, neg2, bias2, BYTE: tl.constexpr, DTYP
 
 
 @triton.jit
+def pack_pairs(tile):
+    """(N, PACKS) -> its even packs and its odd packs, (N, PACKS // 2) each: the two lanes of pack-pair decoding."""
+    return tl.split(tl.reshape(tile, (tile.shape[0], tile.shape[1] // 2, 2)))
+
+
+@triton.jit
+def _lanes_of(low16, high16):
+    """Two 16-bit tiles -> one uint32 tile holding them in its low and high lanes."""
+    low = low16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    high = high16.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    return (low | high).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def pack_pair_operands(scale, bias, GROUPS: tl.constexpr, PACKS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The (N, GROUPS) scales and biases -> per pack pair (N, PACKS // 2): scale, -128 * scale (bf16; f16 does not
+    use it) and bias, each with pack 2i's value in the low lane and pack 2i + 1's in the high lane."""
+    if DOT_DTYPE == tl.bfloat16:
+        neg = (scale.to(tl.float32) * -128.0).to(scale.dtype)
+    else:  # (f16 subtracts the magic number instead)
+        neg = scale
+    if 2 * GROUPS <= PACKS:  # a pack pair lies in one group: both lanes hold the group's value
+        return (per_pack(pair_of(scale), GROUPS, PACKS // 2), per_pack(pair_of(neg), GROUPS, PACKS // 2),
+                per_pack(pair_of(bias), GROUPS, PACKS // 2))
+    else:  # a group per pack (GROUPS == PACKS)
+        scale_a, scale_b = pack_pairs(scale)
+        neg_a, neg_b = pack_pairs(neg)
+        bias_a, bias_b = pack_pairs(bias)
+        return _lanes_of(scale_a, scale_b), _lanes_of(neg_a, neg_b), _lanes_of(bias_a, bias_b)
+
+
+@triton.jit
+def affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, SLOT: tl.constexpr,
+                 BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Plane SLOT (N, PACKS) of 1/2/3/5/6-bit affine codes, decoded by pack pairs: a0.. / b0.. are the word planes
+    of the even / odd packs, scale2, neg2 and bias2 pack_pair_operands' lanes."""
+    even, odd = affine_lanes(slot_lanes(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, SLOT, BITS), BITS, scale2, neg2,
+                             bias2, DTYPE)
+    return tl.reshape(tl.join(even, odd), (even.shape[0], 2 * even.shape[1]))
+
+
+@triton.jit
+def affine_eight_planes(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST: tl.constexpr,
+                        BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Planes FIRST .. FIRST + 7 (affine_plane)."""
+    p0 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST, BITS, DTYPE)
+    p1 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST + 1, BITS, DTYPE)
+    p2 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST + 2, BITS, DTYPE)
+    p3 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST + 3, BITS, DTYPE)
+    p4 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST + 4, BITS, DTYPE)
+    p5 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST + 5, BITS, DTYPE)
+    p6 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST + 6, BITS, DTYPE)
+    p7 = affine_plane(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, scale2, neg2, bias2, FIRST + 7, BITS, DTYPE)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
 def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
                   PACKS: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """All planes of a one-word pack through the packed decoders, in slot order: 8 for 4-bit codes, 4 for 8-bit
-    (then the last four repeat plane 0). scale and bias are the (N, GROUPS) tiles as stored.
+    """All planes of a one-word pack of 4-bit or 8-bit codes through the packed decoders, in slot order: 8 for
+    4-bit codes, 4 for 8-bit (then the last four repeat plane 0). scale and bias are the (N, GROUPS) tiles as stored.
+    (Affine codes of other widths decode plane by plane: affine_plane.)
 
-    Formats served (see `packed_decoding`): affine 4/8-bit with scales, biases and dot in one 16-bit dtype;
-    mxfp4, mxfp8 and nvfp4 with bf16 dots."""
+    Formats served (see `packed_decoding`): affine with scales, biases and dot in one 16-bit dtype; mxfp4, mxfp8 and
+    nvfp4 with bf16 dots."""
     if MODE == 0 and BITS == 4:  # pack-pair decoding (decode.py): even and odd packs side by side (one group)
-        n: tl.constexpr = w0.shape[0]
-        even, odd = tl.split(tl.reshape(w0, (n, PACKS // 2, 2)))
-        scale2 = per_pack(pair_of(scale), GROUPS, PACKS // 2)
-        bias2 = per_pack(pair_of(bias), GROUPS, PACKS // 2)
-        if DOT_DTYPE == tl.bfloat16:
-            neg2 = per_pack(pair_of((scale.to(tl.float32) * -128.0).to(scale.dtype)), GROUPS, PACKS // 2)
-        else:  # (f16 subtracts the magic number instead)
-            neg2 = scale2
+        even, odd = pack_pairs(w0)
+        scale2, neg2, bias2 = pack_pair_operands(scale, bias, GROUPS, PACKS, DOT_DTYPE)
         lo_a = even & 0x0F0F0F0F
         lo_b = odd & 0x0F0F0F0F
         hi_a = (even >> 4) & 0x0F0F0F0F
@@ -186,13 +238,13 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
 
 
 @triton.jit
-def slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, BITS: tl.constexpr, BLOCKS: tl.constexpr):
-    """packed_planes' planes (N, BLOCKS * PACKS) side by side in each block's slot order: (N, BLOCKS * BLOCK_K),
-    block b's column s * PACKS + p holding its plane s's column p, the canonical K order. Joins, a permute and a
-    reshape: register moves, no data exchange between threads."""
+def slot_major_tile(p0, p1, p2, p3, p4, p5, p6, p7, PLANES: tl.constexpr, BLOCKS: tl.constexpr):
+    """PLANES (8, or 4: p4.. unused) planes (N, BLOCKS * PACKS) in slot order side by side, as each block's K order
+    has them: (N, BLOCKS * PLANES * PACKS), block b's column s * PACKS + p holding its plane s's column p. Joins, a
+    permute and a reshape: register moves, no data exchange between threads."""
     n: tl.constexpr = p0.shape[0]
     packs: tl.constexpr = p0.shape[1] // BLOCKS
-    if BITS == 4:  # join order: dims (pack, slot bit 2, slot bit 0, slot bit 1)
+    if PLANES == 8:  # join order: dims (pack, slot bit 2, slot bit 0, slot bit 1)
         planes = tl.join(tl.join(tl.join(p0, p4), tl.join(p1, p5)), tl.join(tl.join(p2, p6), tl.join(p3, p7)))
         planes = tl.reshape(planes, (n, BLOCKS, packs, 2, 2, 2))
         return tl.reshape(tl.permute(planes, (0, 1, 3, 5, 4, 2)), (n, BLOCKS * 8 * packs))
@@ -211,8 +263,7 @@ def packed_decoding(mode: str, bits: int, scale_dtype, bias_dtype, weight_dtype,
     if interpret or os.environ.get("LOWBIT_QMM_PACKED", "1") == "0":
         return False
     if mode == "affine":
-        return (bits in (4, 8) and dot_dtype in (torch.bfloat16, torch.float16)
-                and scale_dtype == bias_dtype == weight_dtype == dot_dtype)
+        return dot_dtype in (torch.bfloat16, torch.float16) and scale_dtype == bias_dtype == weight_dtype == dot_dtype
     return mode in ("mxfp4", "mxfp8", "nvfp4") and dot_dtype == torch.bfloat16
 
 
