@@ -4,9 +4,10 @@ Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.
 (--eager: only the eager rows, for quick A/B runs of two trees)
 Host time per call: the median over 5 batches of N/5 calls enqueued back to back without a sync, per call
 (the GPU queue is deep enough that the host never waits on it, so this is the time Python + dispatch + launch cost
-the CPU). GPU time per call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host
-time exceeds its GPU time is host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`)
-remove.
+the CPU). The launch floor is the output's allocation and the kernels' launches through Triton's C launcher alone:
+the part of a call no Python layer can remove; a call's host time minus it is lowbit's Python overhead. GPU time per
+call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU
+time is host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
 """
 
 import statistics
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.backends import BOUND_PRODUCTS
 from lowbit.bench_cuda import graph_time_us
 from lowbit.nn import QuantizedLinear
 
@@ -41,6 +43,36 @@ def host_us(call, n=N_CALLS, batches=5, warmup=50, drained=False) -> float:
     return statistics.median(times)
 
 
+def launch_floor(x, q, gs, bits, mode):
+    """A closure that does only what no implementation of the call can skip: allocate the output and launch the
+    kernels through Triton's C launcher with the addresses fixed (the bound product's own launches, no Python of
+    lowbit around them). Host time of a call minus this floor is lowbit's Python overhead."""
+    BOUND_PRODUCTS.clear()
+    for _ in range(2):
+        lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits, mode)
+    (bound,) = BOUND_PRODUCTS.values()
+    out = torch.empty(bound.out_shape, dtype=bound.plan.kernel_dtype, device=x.device)
+    tensors = [x, q.weight, q.scales, out]
+    if bound.plan.split_in_grid:
+        tensors += [torch.zeros(bound.partials, device=x.device), torch.zeros(bound.tiles, dtype=torch.int32,
+                                                                              device=x.device)]
+    if q.biases is not None:
+        tensors.append(q.biases)
+    copy = None
+    if bound.slot_major is not None:
+        copy = torch.empty(bound.copy_numel, dtype=x.dtype, device=x.device)
+        tensors[0] = copy
+    shape, dtype, device = bound.out_shape, bound.plan.kernel_dtype, x.device
+
+    def floor():
+        torch.empty(shape, dtype=dtype, device=device)
+        if copy is not None:
+            bound.slot_major(x, copy)
+        bound.qmm(*tensors)
+
+    return floor
+
+
 def main():
     eager_only = "--eager" in sys.argv
     output = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
@@ -60,6 +92,8 @@ def main():
             rows.append((f"lowbit.quantized_matmul {label}, eager",
                          host_us(lambda q=q: lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits,
                                                                      mode)), gpu))
+            rows.append((f"launch floor {label}: torch.empty + the same kernels' C launches",
+                         host_us(launch_floor(x, q, gs, bits, mode)), gpu))
             if eager_only:
                 continue
             rows.append((f"torch.ops.lowbit.quantized_matmul {label} (the op a compiled graph calls)",

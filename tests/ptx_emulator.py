@@ -30,13 +30,21 @@ def lanewise(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return op(a & 0xFFFF, b & 0xFFFF) | (op(a >> 16, b >> 16) << 16)
 
 
+def _fma_bf16x2(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def lane(shift):
+        va, vb, vc = (bf16_value((t >> shift) & 0xFFFF).double() for t in (a, b, c))
+        return bf16_bits(va * vb + vc)
+    return lane(0) | (lane(16) << 16)
+
+
 def run_ptx(text: str, operands: dict) -> dict:
-    """Execute the straight-line PTX of `text` (the instructions e2m1_words_bf16[_scaled] and e4m3_pair use) on int64
-    tensors holding 32-bit registers, with PTX's semantics: IEEE float32 products rounded to nearest even, cvt.rn
-    (cvt.rz) to bfloat16, bfloat16 additions and products rounded once (the float64 sum or product of two bfloat16
-    values is exact, and in the uses here exact in float32 too, so torch's conversion rounds it once), bfloat16
-    compares per 16-bit lane (all ones where true, NaN never true), 16-bit lanes for min/max.u16x2, 32-bit
-    wrap-around integer arithmetic, prmt's byte select; `mov.b32 {lo, hi}, r` splits r into two 16-bit results."""
+    """Execute the straight-line PTX of `text` (the instructions of e2m1_words_bf16[_scaled], e4m3_pair and the Gluon
+    kernel's affine4 byte decoder) on int64 tensors holding 32-bit registers, with PTX's semantics: IEEE float32
+    products rounded to nearest even, cvt.rn (cvt.rz) to bfloat16, bfloat16 additions, products and fmas rounded once
+    (the float64 sum or product of two bfloat16 values is exact, and in the uses here exact in float32 too, so
+    torch's conversion rounds it once), bfloat16 compares per 16-bit lane (all ones where true, NaN never true),
+    16-bit lanes for min/max.u16x2, 32-bit wrap-around integer arithmetic, prmt's byte select, lop3's truth table;
+    `mov.b32 {lo, hi}, r` splits r into two 16-bit results and `mov.b32 r, {lo, hi}` packs two."""
     regs = dict(operands)
 
     def val(token):
@@ -59,6 +67,11 @@ def run_ptx(text: str, operands: dict) -> dict:
             lo, hi = (a.strip() for a in lanes.strip(" {").split(","))
             r = val(source.strip(" ,"))
             regs[lo], regs[hi] = r & 0xFFFF, (r >> 16) & 0xFFFF
+            continue
+        if op == "mov.b32" and "{" in args:  # pack: mov.b32 r, {lo, hi}
+            d, lanes = args.split(",", 1)
+            lo, hi = (val(a) for a in lanes.strip(" {}").split(","))
+            regs[d.strip()] = u32((lo & 0xFFFF) | ((hi & 0xFFFF) << 16))
             continue
         d, *src = [a.strip() for a in args.split(",")]
         x = [val(s) for s in src]
@@ -94,6 +107,15 @@ def run_ptx(text: str, operands: dict) -> dict:
             r = x[0] << x[1]
         elif op == "shr.u32":
             r = x[0] >> x[1]
+        elif op == "lop3.b32":  # any function of three inputs, by its truth table (bit 4a + 2b + c of the last)
+            a, b, c, table = x[0], x[1], x[2], int(x[3])
+            r = torch.zeros_like(a + b + c)
+            for i in range(8):
+                if table >> i & 1:
+                    r = r | ((a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c))
+        elif op == "fma.rn.bf16x2":  # a * b + c rounded once: in the uses here ((128 + code) * s - 128 * s) the
+            # product and the sum are exact in float32, so torch's conversion rounds once
+            r = _fma_bf16x2(x[0], x[1], x[2])
         elif op == "prmt.b32":
             pool = [(x[0] >> (8 * i)) & 0xFF for i in range(4)] + [(x[1] >> (8 * i)) & 0xFF for i in range(4)]
             r = sum(pool[(int(x[2]) >> (4 * i)) & 7] << (8 * i) for i in range(4))
