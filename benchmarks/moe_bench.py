@@ -1,6 +1,7 @@
 """MoE expert matmuls (gather_qmm) on the GPU beside torch's bf16 grouped matmul, in one run.
 
 Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/moe_bench.py [output.md]
+(TOKENS="1,4,16" and FORMATS="affine4g64 mxfp4" limit the rows, for quick A/B runs)
 Shapes of real models (issue 4): Qwen3-30B-A3B experts (128 experts, top-8, hidden 2048, intermediate 768: the
 gate/up projection N=768 K=2048 and the down projection N=2048 K=768), gpt-oss-20b (32 experts, top-4, 2880 x 2880).
 Decode (1, 4, 16 tokens): bytes = the experts actually touched (packed weights + scales/biases) + x + y, against the
@@ -8,6 +9,7 @@ copy bandwidth of this run. Prefill (4096 tokens): against torch._grouped_mm in 
 (the fastest bf16 way torch has; the sort is not timed for torch, while lowbit's time includes its own grouping).
 """
 
+import os
 import sys
 
 import torch
@@ -53,11 +55,14 @@ def main():
     for name, experts, top_k, n, k, formats in MODELS:
         w_bf16 = (torch.randn(experts, n, k, device="cuda", generator=gen) / k**0.5).to(torch.bfloat16)
         w_t = w_bf16.transpose(-2, -1)
+        only = os.environ.get("FORMATS")
         for mode, gs, bits in formats:
+            if only and f"{mode}{bits}g{gs}" not in only.split() and mode not in only.split():
+                continue
             q = lowbit.quantize(w_bf16, gs, bits, mode)
             q = q if mode == "affine" else (q[0], q[1], None)
             per_expert = _nbytes(*q) // experts
-            for tokens in (1, 4, 16, 4096):
+            for tokens in (int(t) for t in os.environ.get("TOKENS", "1,4,16,4096").split(",")):
                 x = torch.randn(tokens, 1, 1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                 idx = torch.stack([torch.randperm(experts, device="cuda", generator=gen)[:top_k]
                                    for _ in range(tokens)])

@@ -24,6 +24,7 @@ from .launch import MODE_IDS, TL_DTYPES, BoundLaunch, launcher
 from .prefill import prefill_qmm
 from .reduction import block_k, k_splits, slot_major, slot_major_launch
 from .schedule import schedule, schedule_bound
+from . import wgmma_decode
 from .tiles import (
     affine_eight_planes, block_scales, block_words, nn_weight_tile, pack_pair_operands, pack_pairs, packed_decoding,
     packed_planes, per_pack, slot_major_tile, slot_plane, slot_plane_runtime,
@@ -315,7 +316,7 @@ class _Plan:
     """Everything a call decides from its static facts (formats, dtypes, sizes), made once per distinct set."""
 
     def __init__(self, mode, group_size, bits, transpose, x_dtype, scales_dtype, biases_dtype, has_global, out_dtype,
-                 m, n, k, n_items, n_weights, indexed):
+                 m, n, k, n_items, n_weights, indexed, capability):
         interpret = interpreting()
         # (the interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: let torch round there)
         self.kernel_dtype = torch.float32 if out_dtype == torch.bfloat16 and interpret else out_dtype
@@ -361,8 +362,12 @@ class _Plan:
         # kernel. Measured on an H200 at M = 1-16 (decode tiles, packed decoders): in the kernel, mxfp4 and nvfp4
         # decode 3-21% faster (fewer registers), affine 4-bit 3-15% slower on the Llama MLP shapes; wider row tiles
         # share one reordered copy. LOWBIT_QMM_X_IN_KERNEL (0 / 1) overrides for those decode tiles (a knob).
+        # The Gluon decode kernel (wgmma_decode.py) serves 4-bit affine decode tiles on Hopper, with the same bits.
+        gluon = wgmma_decode.serves(mode, bits, transpose, x_dtype, weight_dtype, dot, packed, (block_m, block_n, warps),
+                                    routing, split_in_grid, splits, capability)
         x_in_kernel = packed and block_m <= 16 and not self.prefill
-        x_in_kernel = x_in_kernel and bool(int(os.environ.get("LOWBIT_QMM_X_IN_KERNEL", int(mode != "affine"))))
+        x_in_kernel = x_in_kernel and bool(int(os.environ.get("LOWBIT_QMM_X_IN_KERNEL",
+                                                              int(mode != "affine" or gluon))))
         self.x_slot_major = transpose and not x_in_kernel
         if routing == GROUPED:
             self.row_tiles = schedule_bound(n_rows, n_weights, block_m)
@@ -373,13 +378,14 @@ class _Plan:
         self.tiles = self.row_tiles * triton.cdiv(n, block_n)
         self.grid = (self.tiles * (splits if split_in_grid else 1),)
         self.qmm = launcher(
-            qmm_kernel, warps, stages, max_registers,
+            wgmma_decode.affine4_decode_kernel if gluon else qmm_kernel, warps, stages, max_registers,
             MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=has_global,
             PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
             SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],
             DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, BLOCKS=blocks,
             UNROLL_SLOTS=unroll_slots, X_SLOT_MAJOR=self.x_slot_major, INTERPRET=interpret,
+            **(wgmma_decode.constexprs() if gluon else {}),
         )
 
 
@@ -467,7 +473,21 @@ def _plan_for(x, w_q, scales, biases, global_scale, lhs, transpose, mode, group_
     n = _output_features(w_q, transpose, bits)
     n_weights = w_q.shape[0] if w_q.ndim == 3 else 1
     return _plan(mode, group_size, bits, transpose, x.dtype, scales.dtype, None if biases is None else biases.dtype,
-                 global_scale is not None, out_dtype, m, n, k, n_items, n_weights, indexed), n_items, m, n, k, n_weights
+                 global_scale is not None, out_dtype, m, n, k, n_items, n_weights, indexed,
+                 _capability(x.device)), n_items, m, n, k, n_weights
+
+
+_CAPABILITIES: dict = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA device's compute capability (None on other devices); kept per device."""
+    if device.type != "cuda":
+        return None
+    found = _CAPABILITIES.get(device.index)
+    if found is None:
+        found = _CAPABILITIES[device.index] = torch.cuda.get_device_capability(device)
+    return found
 
 
 def _qmm_ints(x_strides, w_q, scales, b, global_scale, m, n, k, n_rows, n_weights) -> tuple:

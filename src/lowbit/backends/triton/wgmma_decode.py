@@ -1,0 +1,288 @@
+"""The decode kernel for 4-bit affine weights written in Gluon (Triton's layout-explicit dialect), Hopper only.
+
+Why a second decode kernel: at M <= 16 the Triton kernel (qmm.py) issues about 5.3 instructions per weight, of which
+the decode proper is 2.4; the rest is code Triton builds around the dot (the scale tiles exchanged into the MMA's
+layout through shared memory with barriers, descriptor arithmetic per wgmma, address arithmetic) and the kernel is
+bound by instruction issue (benchmarks/NOTES.md, v12). Here the layouts are stated instead of inferred:
+
+- a weight tile (BLOCK_N rows x 16 packs of a K block) is loaded straight into the layout of the wgmma's register
+  A operand for one k16 step: a thread holds packs 2t, 2t + 1, 2t + 8, 2t + 9 of rows r and r + 8 -- two 8-byte
+  loads a row -- and the A operand of code slot s of those packs is exactly what the pack-pair decoder makes of
+  them (slot s of two neighbouring packs in one register's two lanes);
+- scales and biases are loaded per pack pair in that same layout, no exchange;
+- x's K block is staged once in shared memory (slot-major) as the B operand of the block's eight wgmmas.
+
+The arithmetic is the Triton kernel's: the same decoded values (the same inline PTX steps), the same k16 wgmmas
+over the same canonical K order (reduction.py: block by block, slot-major inside a block, split partials folded
+by the tile's last program in split order), so the bits are the same (tested against LOWBIT_QMM_GLUON=0).
+Serves: affine 4-bit, bfloat16 x / scales / biases, transposed weights, decode tiles (BLOCK_M 16 tokens; 32-128
+behind LOWBIT_GLUON_MAX_M; splits in the grid), plain products and per-item routing (MoE decode). Everything else
+runs qmm.py's kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton 3.5 on; what it needs here was checked on 3.6
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+except ImportError:  # pragma: no cover - an older Triton: the Triton kernel serves every call
+    gluon = None
+
+
+def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dtype, packed: bool, tile: tuple,
+           routing: int, split_in_grid: bool, splits: int, device_capability) -> bool:
+    """Whether this kernel serves a call the qmm plan describes (tile: BLOCK_M, BLOCK_N, num_warps; routing: qmm's
+    PLAIN 0 or PER_ITEM 1). LOWBIT_QMM_GLUON=1 turns it on (off by default until measured on the GPU; the Triton
+    kernel gives the same bits)."""
+    if gluon is None or os.environ.get("LOWBIT_QMM_GLUON", "0") == "0":
+        return False
+    block_m, block_n, warps = tile
+    max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
+    return (mode == "affine" and bits == 4 and transpose and packed and block_m in (16, 32, 64, 128)
+            and block_m <= max_m and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1)
+            and x_dtype == weight_dtype == dot_dtype == torch.bfloat16 and (split_in_grid or splits == 1)
+            and device_capability is not None and device_capability[0] == 9 and torch.version.hip is None)
+
+
+def constexprs() -> dict:
+    """The kernel's compile-time parameters beyond qmm_kernel's. LOWBIT_GLUON_PREFETCH (0 / 1) is a tuning knob."""
+    return {"PREFETCH": os.environ.get("LOWBIT_GLUON_PREFETCH", "1") == "1"}
+
+
+def affine4_byte_asm(j: int) -> str:
+    """The inline PTX that decodes code slots 2j and 2j + 1 of two neighbouring packs (words $4, $5) into their bf16
+    values, in the lanes of two registers ({$0, $1}: slot 2j, {$2, $3}: slot 2j + 1). prmt puts byte j of each word
+    in both bytes of its lane; the low / high nibble masked under the magic exponent (one lop3: (t & mask) | magic)
+    reads as 128 + code; (128 + code) * scale - 128 * scale rounds once to round(code * scale), + bias rounds again:
+    MLX's two roundings, as decode.affine4_pack_pair. ($6: scale, $7: -128 * scale, $8: bias, each in both
+    lanes.)"""
+    selector = j | (j << 4) | ((4 + j) << 8) | ((4 + j) << 12)
+    return f"""{{ .reg .b32 t, lo, hi;
+    prmt.b32 t, $4, $5, {selector:#x};
+    lop3.b32 lo, t, 0x000F000F, 0x43004300, 0xEA;
+    shr.u32 hi, t, 4;
+    lop3.b32 hi, hi, 0x000F000F, 0x43004300, 0xEA;
+    fma.rn.bf16x2 lo, lo, $6, $7;
+    add.rn.bf16x2 lo, lo, $8;
+    fma.rn.bf16x2 hi, hi, $6, $7;
+    add.rn.bf16x2 hi, hi, $8;
+    mov.b32 {{$0, $1}}, lo;
+    mov.b32 {{$2, $3}}, hi; }}"""
+
+
+# a bf16 scale ($2) -> (scale, scale) and (-128 * scale, -128 * scale) as bf16x2 words (the product is exact)
+SCALE_PAIR_ASM = """{ .reg .b32 t, c;
+    mov.b32 t, {$2, $2};
+    mov.b32 $0, t;
+    mov.b32 c, 0xC300C300;
+    mul.rn.bf16x2 $1, t, c; }"""
+
+
+if gluon is not None:
+    _byte_asm = gluon.constexpr_function(affine4_byte_asm)
+    _SCALE_PAIR_ASM = gl.constexpr(SCALE_PAIR_ASM)
+
+    @gluon.jit
+    def _pairs(t):
+        """(R, 2C) -> its even and odd columns, (R, C) each (register moves: a thread holds both of a pair)."""
+        return gl.split(gl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+
+    @gluon.jit
+    def _slot_planes(even, odd, scale2, neg2, bias2, J: gl.constexpr, a_layout: gl.constexpr):
+        """Code slots 2J and 2J + 1 of the block: two (BLOCK_N, PACKS) bf16 A operands."""
+        s0a, s0b, s1a, s1b = gl.inline_asm_elementwise(
+            _byte_asm(J), "=h,=h,=h,=h,r,r,r,r,r", [even, odd, scale2, neg2, bias2],
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        n: gl.constexpr = even.shape[0]
+        packs: gl.constexpr = 2 * even.shape[1]
+        slot0 = gl.convert_layout(gl.reshape(gl.join(s0a, s0b), (n, packs)), a_layout, assert_trivial=True)
+        slot1 = gl.convert_layout(gl.reshape(gl.join(s1a, s1b), (n, packs)), a_layout, assert_trivial=True)
+        return slot0, slot1
+
+    @gluon.jit
+    def _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c, sb_c, GS: gl.constexpr,
+                      PACKS: gl.constexpr, MASKED: gl.constexpr):
+        """K block kb's words (BLOCK_N, PACKS), scales and biases (BLOCK_N, PACKS // 2: one per pack pair).
+        MASKED: the block runs past K (the last one): words, scales and biases past K read as zero, so their
+        weights are zero (as x is)."""
+        BLOCK_K: gl.constexpr = PACKS * 8
+        GROUPS: gl.constexpr = BLOCK_K // GS
+        if MASKED:
+            words = gl.load(w_ptrs + kb * PACKS * sw_c, mask=(kb * PACKS + packs2d) * 8 < K, other=0)
+            g_ok = (kb * BLOCK_K + pack_even * 8) < K
+            scale = gl.load(s_ptrs + kb * GROUPS * ss_c, mask=g_ok, other=0.0)
+            bias = gl.load(b_ptrs + kb * GROUPS * sb_c, mask=g_ok, other=0.0)
+        else:
+            words = gl.load(w_ptrs + kb * PACKS * sw_c)
+            scale = gl.load(s_ptrs + kb * GROUPS * ss_c)
+            bias = gl.load(b_ptrs + kb * GROUPS * sb_c)
+        return words, scale, bias
+
+    @gluon.jit
+    def _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS: gl.constexpr, X_SLOT_MAJOR: gl.constexpr):
+        """x's K block kb (BLOCK_M, BLOCK_K), slot-major; rows past the tile's and columns past K zero."""
+        BLOCK_K: gl.constexpr = PACKS * 8
+        if X_SLOT_MAJOR:  # (zero-padded to whole blocks)
+            xb = gl.load(x_ptrs + kb * BLOCK_K, mask=m_ok[:, None], other=0.0)
+        else:  # x in natural order: column p * 8 + s of the block moves to s * PACKS + p
+            k_ok = (kb * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_ptrs.type.layout))) < K
+            xb = gl.load(x_ptrs + kb * BLOCK_K * sx_k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            xb = gl.reshape(gl.permute(gl.reshape(xb, (xb.shape[0], PACKS, 8)), (0, 2, 1)), (xb.shape[0], BLOCK_K))
+        return xb
+
+    @gluon.jit
+    def _mma_block(acc, words, scale, bias, xb, x_smem, PACKS: gl.constexpr, a_layout: gl.constexpr):
+        """acc += one K block's products, in the canonical order: x staged in shared memory as the B operand, the
+        words decoded slot by slot into register A operands, one k16 wgmma per code slot."""
+        words = words.to(gl.uint32, bitcast=True)
+        scale2, neg2 = gl.inline_asm_elementwise(_SCALE_PAIR_ASM, "=r,=r,h", [scale], dtype=(gl.uint32, gl.uint32),
+                                                 is_pure=True, pack=1)
+        bias2 = gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [bias], dtype=gl.uint32, is_pure=True,
+                                          pack=1)
+        gl.thread_barrier()  # every warp is past the previous block's wgmmas, which read x_smem
+        x_smem.store(xb)
+        fence_async_shared()
+        gl.thread_barrier()
+        even, odd = _pairs(words)
+        for j in gl.static_range(4):
+            slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, a_layout)
+            acc = warpgroup_mma(slot0, x_smem.slice(2 * j * PACKS, PACKS, dim=1).permute((1, 0)), acc,
+                                is_async=True)
+            acc = warpgroup_mma(slot1, x_smem.slice((2 * j + 1) * PACKS, PACKS, dim=1).permute((1, 0)), acc,
+                                is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    @gluon.jit
+    def affine4_decode_kernel(
+        x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr,
+        out_ptr, part_ptr, arrivals_ptr,
+        M, N, K, n_rows, n_weights, sg,
+        sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
+        MODE: gl.constexpr, BITS: gl.constexpr, GS: gl.constexpr, TRANSPOSE: gl.constexpr,
+        HAS_GLOBAL: gl.constexpr, PER_PACK: gl.constexpr, WORDS: gl.constexpr, WORDS_POW2: gl.constexpr,
+        SPLITS: gl.constexpr, SPLIT_IN_GRID: gl.constexpr, SCALE_DTYPE: gl.constexpr, DOT_DTYPE: gl.constexpr,
+        PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        ROUTING: gl.constexpr, PACKED: gl.constexpr, BLOCKS: gl.constexpr, UNROLL_SLOTS: gl.constexpr,
+        X_SLOT_MAJOR: gl.constexpr, INTERPRET: gl.constexpr, PREFETCH: gl.constexpr,
+    ):
+        """qmm.qmm_kernel's contract (the same arguments, the same program grid and split fold) for the calls
+        `serves` admits; the weight tile is the wgmma's register A operand, x the shared-memory B operand.
+        PREFETCH: each block's weight loads (and x's, for 16-token tiles) are issued one block ahead, before the
+        previous block's decode."""
+        WARPS: gl.constexpr = BLOCK_N // 16  # (each warp's m16 rows of the wgmma's M side)
+        gl.static_assert(BLOCK_K == 128 and BLOCK_M <= 128 and gl.num_warps() == WARPS)
+        PACKS: gl.constexpr = BLOCK_K // 8
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
+        x_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        pid = gl.program_id(0)
+        if ROUTING == 1:
+            row_tiles = n_rows // M
+        else:
+            row_tiles = gl.cdiv(n_rows, BLOCK_M)
+        tiles = row_tiles * gl.cdiv(N, BLOCK_N)
+        tile = pid % tiles
+        split = pid // tiles
+        row_tile = tile % row_tiles  # consecutive programs share a weight tile (L2 reuse)
+        pid_n = tile // row_tiles
+
+        # token rows of this tile: x rows (x_layout) and output rows (the accumulator's layout)
+        local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
+        local_out = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        if ROUTING == 1:  # row tile i is routed item i: its M rows, weight rhs[i], x batch lhs[i]
+            item = row_tile.to(gl.int64)
+            m_ok = local < M
+            x_rows = gl.load(lhs_ptr + item).to(gl.int64) * sx_b + local.to(gl.int64) * sx_m
+            weight = gl.load(rhs_ptr + item).to(gl.int64)
+            rows_out = item * M + local_out
+            out_rows = item * so_i + local_out.to(gl.int64) * so_m
+            rows_ok = local_out < M
+        else:
+            rows_x = row_tile * BLOCK_M + local
+            m_ok = rows_x < n_rows
+            x_rows = rows_x.to(gl.int64) * sx_m
+            weight = 0
+            rows_out = (row_tile * BLOCK_M + local_out).to(gl.int64)
+            out_rows = rows_out * so_m
+            rows_ok = rows_out < n_rows
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+        if X_SLOT_MAJOR:
+            x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :]
+        else:
+            x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * sx_k
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, BLOCK_K], x_smem_layout)
+
+        # weight rows of this tile in the A operand's layout; rows past N read row N - 1 (their outputs are dropped)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+        offs_p = gl.arange(0, PACKS, layout=gl.SliceLayout(0, a_layout))
+        w_rows = gl.minimum(offs_n, N - 1).to(gl.int64)
+        w_ptrs = w_ptr + weight * sw_b + w_rows[:, None] * sw_r + offs_p[None, :] * sw_c
+        packs2d = offs_p[None, :] + 0 * offs_n[:, None]
+        pack_even, _odd_packs = _pairs(packs2d)  # per pack pair: its first pack (both lie in one group)
+        rows_even, _odd_rows = _pairs(w_rows[:, None] + 0 * offs_p[None, :])
+        group_even = pack_even * 8 // GS
+        s_ptrs = s_ptr + weight * ss_b + rows_even * ss_r + group_even * ss_c
+        b_ptrs = b_ptr + weight * sb_b + rows_even * sb_r + group_even * sb_c
+
+        k_blocks = gl.cdiv(K, BLOCK_K)
+        per_split = gl.cdiv(k_blocks, SPLITS)
+        lo = split * per_split
+        hi = gl.minimum(lo + per_split, k_blocks)
+        whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
+        acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
+        X_AHEAD: gl.constexpr = PREFETCH and BLOCK_M <= 16  # (wider x blocks would hold too many registers)
+        if PREFETCH:
+            if lo < whole:
+                words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, lo, K, pack_even, packs2d, sw_c, ss_c,
+                                                   sb_c, GS, PACKS, False)
+                if X_AHEAD:
+                    xb = _load_x(x_ptrs, lo, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR)
+                for kb in range(lo, whole):
+                    ahead = gl.minimum(kb + 1, whole - 1)  # (the last step loads its own block again: unused)
+                    next_words, next_scale, next_bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, ahead, K, pack_even,
+                                                                      packs2d, sw_c, ss_c, sb_c, GS, PACKS, False)
+                    if X_AHEAD:
+                        next_xb = _load_x(x_ptrs, ahead, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR)
+                        acc = _mma_block(acc, words, scale, bias, xb, x_smem, PACKS, a_layout)
+                        xb = next_xb
+                    else:
+                        acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS,
+                                                                          X_SLOT_MAJOR), x_smem, PACKS, a_layout)
+                    words, scale, bias = next_words, next_scale, next_bias
+        else:
+            for kb in range(lo, whole):
+                words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c,
+                                                   sb_c, GS, PACKS, False)
+                acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
+                                 x_smem, PACKS, a_layout)
+        if whole < hi:  # the last block of K, partly past it (in the split that holds it; empty splits have none)
+            words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, pack_even, packs2d, sw_c, ss_c, sb_c,
+                                               GS, PACKS, True)
+            acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
+                             x_smem, PACKS, a_layout)
+
+        offs_out = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        mask = (offs_out < N)[:, None] & rows_ok[None, :]
+        out = out_ptr + out_rows[None, :] + offs_out.to(gl.int64)[:, None] * so_n
+        if SPLITS > 1:
+            # each split stores its partial; the tile's last program to arrive adds them, in split order
+            part = part_ptr + (rows_out[None, :] * N + offs_out[:, None])
+            gl.store(part + split * n_rows * N, acc, mask=mask)
+            gl.thread_barrier()  # every thread's partial is stored before the arrival is counted (release)
+            arrived = gl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                total = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
+                for piece in gl.static_range(SPLITS):
+                    total = total + gl.load(part + piece * n_rows * N, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                gl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            gl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)

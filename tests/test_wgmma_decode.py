@@ -1,0 +1,149 @@
+"""The Gluon decode kernel for 4-bit affine weights (backends/triton/wgmma_decode.py).
+
+On CPU (CI): its inline PTX, run through the tests' PTX emulator, gives MLX's dequantized values for every code of
+both packs, for scales and biases across the bfloat16 range. On a Hopper GPU: the plan picks it for 4-bit affine
+decode tiles, and its outputs equal the Triton kernel's (LOWBIT_QMM_GLUON=0) bit for bit -- plain products and
+per-item routing (MoE decode), every affine4 group size, N below and not a multiple of its 64-row tile, K ending
+inside a K block, several splits, strided x -- and the float64 oracle within bf16 tolerance.
+"""
+
+import pytest
+import torch
+from conftest import dequantize_f64, quantize3, same_bits
+from ptx_emulator import bf16_bits, run_ptx
+
+import lowbit
+
+pytest.importorskip("triton")
+from lowbit.backends.triton import qmm, wgmma_decode  # noqa: E402
+from lowbit.backends.triton.qmm import forget_plans  # noqa: E402
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _bf16_word(values: torch.Tensor) -> torch.Tensor:
+    """bf16 values -> their bits in both 16-bit lanes of an int64 'register'."""
+    bits = bf16_bits(values)
+    return bits | (bits << 16)
+
+
+@pytest.mark.parametrize("j", range(4))
+def test_byte_decoder_text_gives_mlx_values_for_every_code(j, gen):
+    """affine4_byte_asm(j) decodes slots 2j and 2j + 1 of two packs to round(round(code * scale) + bias) in bf16:
+    every code of both packs, against scales and biases from subnormal to 2**100, signs mixed."""
+    codes = torch.arange(256)
+    a_codes, b_codes = codes // 16, codes % 16  # every pair of codes (pack a, pack b)
+    n = codes.numel()
+    scale = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-130, 100, (n,), generator=gen).float()))
+    scale = scale.to(torch.bfloat16)
+    bias = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-130, 100, (n,), generator=gen).float()))
+    bias = bias.to(torch.bfloat16)
+    lo_nibble, hi_nibble = 8 * j, 8 * j + 4  # slot 2j and 2j + 1 of a word: byte j's low and high nibble
+    filler = torch.randint(0, 2**32, (2, n), generator=gen)  # the other slots hold anything
+    keep = ~((0xF << lo_nibble) | (0xF << hi_nibble)) & 0xFFFFFFFF
+    word_a = (filler[0] & keep) | (a_codes << lo_nibble) | ((15 - a_codes) << hi_nibble)
+    word_b = (filler[1] & keep) | (b_codes << lo_nibble) | ((15 - b_codes) << hi_nibble)
+    neg = (scale.float() * -128).to(torch.bfloat16)
+    regs = run_ptx(wgmma_decode.affine4_byte_asm(j), {"$4": word_a, "$5": word_b, "$6": _bf16_word(scale),
+                                                      "$7": _bf16_word(neg), "$8": _bf16_word(bias)})
+
+    def mlx(code):  # MLX's dequantize in bf16: code * scale rounded, then + bias rounded
+        return bf16_bits((code.float() * scale.float()).to(torch.bfloat16).float() + bias.float())
+
+    assert torch.equal(regs["$0"], mlx(a_codes)) and torch.equal(regs["$1"], mlx(b_codes))
+    assert torch.equal(regs["$2"], mlx(15 - a_codes)) and torch.equal(regs["$3"], mlx(15 - b_codes))
+
+
+def test_scale_pair_text(gen):
+    """SCALE_PAIR_ASM: a bf16 scale in both lanes, and -128 times it (exact) in both lanes."""
+    scale = (torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-133, 120, (4096,), generator=gen).float()))
+    scale = scale.to(torch.bfloat16)
+    regs = run_ptx(wgmma_decode.SCALE_PAIR_ASM, {"$2": bf16_bits(scale)})
+    assert torch.equal(regs["$0"], _bf16_word(scale))
+    assert torch.equal(regs["$1"], _bf16_word((scale.double() * -128).to(torch.bfloat16)))
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    if not HOPPER:
+        pytest.skip("the Gluon decode kernel runs on Hopper GPUs")
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
+    yield
+    forget_plans()
+
+
+def _both_kernels(monkeypatch, call):
+    """call()'s outputs through the Gluon kernel and through the Triton kernel (LOWBIT_QMM_GLUON=0)."""
+    outputs = []
+    for gluon in ("1", "0"):
+        monkeypatch.setenv("LOWBIT_QMM_GLUON", gluon)
+        forget_plans()
+        outputs.append(call())
+    monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
+    forget_plans()
+    return outputs
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("n, k_blocks", [(4096, 32), (4096, 9), (4096, 17), (100, 13), (7, 3), (256, 1)])
+def test_plain_products_equal_the_triton_kernels_bits(monkeypatch, hopper, gs, n, k_blocks, gen):
+    """quantized_matmul at M = 1..16 (x strided), K a whole number of blocks or one group short of it; 9 and 17
+    blocks over 4096 rows leave the last splits empty (K // 128 blocks per split rounded up), and the split that
+    holds the partial last block runs it once."""
+    ks = [128 * k_blocks] + ([128 * k_blocks - gs] if k_blocks > 1 else [])
+    for k in ks:
+        w = torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
+        q = quantize3(w, gs, 4, "affine")
+        x = torch.randn(16, 2 * k, generator=gen).to("cuda", torch.bfloat16)[:, ::2]
+        plan = qmm._plan_for(x[None, :1], q[0], q[1], q[2], None, None, True, "affine", gs, 4, torch.bfloat16)[0]
+        assert plan.qmm.kernel is wgmma_decode.affine4_decode_kernel
+        for m in (1, 3, 16):
+            gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4,
+                                                                                       "affine"))
+            assert same_bits(gluon, triton), (n, k, m)
+            ref = x[:m].double() @ dequantize_f64(q, gs, 4, "affine").to("cuda").T
+            assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 7])
+def test_routed_decode_equals_the_triton_kernels_bits(monkeypatch, hopper, tokens, gen):
+    """gather_qmm with few routed rows (per-item routing: MoE decode), Qwen3-MoE-like experts."""
+    experts, top_k, n, k = 16, 4, 768, 2048
+    w = torch.randn(experts, n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
+    q = quantize3(w, 64, 4, "affine")
+    x = torch.randn(tokens, 1, 1, k, generator=gen).to("cuda", torch.bfloat16)
+    idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to("cuda")
+    gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.gather_qmm(
+        x, *q, rhs_indices=idx, transpose=True, group_size=64, bits=4, mode="affine"))
+    assert same_bits(gluon, triton)
+    ref = torch.einsum("tk,tenk->ten", x[:, 0, 0].double(), dequantize_f64(q, 64, 4, "affine").to("cuda")[idx])
+    assert ((gluon[:, :, 0].double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+def test_rows_bit_identical_across_batch_sizes_and_paths(hopper, gen):
+    """A row's bits do not depend on M across the Gluon decode tiles (M <= 16), the Triton tiles (M 17..159) and
+    the prefill path (M >= 160)."""
+    n, k = 1000, 4096
+    q = quantize3(torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16), 64, 4, "affine")
+    x = torch.randn(300, k, generator=gen).to("cuda", torch.bfloat16)
+    full = lowbit.quantized_matmul(x, *q, True, 64, 4, "affine")
+    for m in (1, 2, 15, 16, 17, 64, 159, 160, 299):
+        assert same_bits(lowbit.quantized_matmul(x[-m:], *q, True, 64, 4, "affine"), full[-m:]), m
+
+
+@pytest.mark.parametrize("knob, value", [("LOWBIT_QMM_X_IN_KERNEL", "0"), ("LOWBIT_GLUON_PREFETCH", "0"),
+                                         ("LOWBIT_QMM_TILE", "16,128,8,3")])
+def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knob, value, gen):
+    """The Gluon kernel's variants -- x copied slot-major before the launch instead of reordered in the kernel, no
+    prefetch, 128-row tiles of 8 warps -- give the Triton kernel's bits too."""
+    n, k = 1000, 128 * 9 - 64
+    q = quantize3(torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16), 64, 4, "affine")
+    x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
+    monkeypatch.setenv(knob, value)
+    for m in (1, 16):
+        gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, 64, 4,
+                                                                                   "affine"))
+        assert same_bits(gluon, triton), m
+        plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", 64, 4, torch.bfloat16)[0]
+        assert plan.qmm.kernel is wgmma_decode.affine4_decode_kernel
