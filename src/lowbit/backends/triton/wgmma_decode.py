@@ -84,6 +84,7 @@ SCALE_PAIR_ASM = """{ .reg .b32 t, c;
 
 
 if gluon is not None:
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed after Triton 3.6)
     _byte_asm = gluon.constexpr_function(affine4_byte_asm)
     _SCALE_PAIR_ASM = gl.constexpr(SCALE_PAIR_ASM)
 
@@ -144,10 +145,10 @@ if gluon is not None:
                                                  is_pure=True, pack=1)
         bias2 = gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [bias], dtype=gl.uint32, is_pure=True,
                                           pack=1)
-        gl.thread_barrier()  # every warp is past the previous block's wgmmas, which read x_smem
+        _barrier()  # every warp is past the previous block's wgmmas, which read x_smem
         x_smem.store(xb)
         fence_async_shared()
-        gl.thread_barrier()
+        _barrier()
         even, odd = _pairs(words)
         for j in gl.static_range(4):
             slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, a_layout)
@@ -276,7 +277,7 @@ if gluon is not None:
             # each split stores its partial; the tile's last program to arrive adds them, in split order
             part = part_ptr + (rows_out[None, :] * N + offs_out[:, None])
             gl.store(part + split * n_rows * N, acc, mask=mask)
-            gl.thread_barrier()  # every thread's partial is stored before the arrival is counted (release)
+            _barrier()  # every thread's partial is stored before the arrival is counted (release)
             arrived = gl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLITS - 1:
                 total = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
