@@ -93,9 +93,11 @@ def main():
     for name, kernel, gluon, options in variants:
         sass, usage = disassemble(compile_decode(kernel, gluon, **options))
         for body in innermost_loops(sass):
-            weights = 64 * 128 // 128  # a K block's weights per thread: 64 rows x 128 codes over 128 threads
             ops = collections.Counter(opcode(line) for line in body)
-            print(f"\n{name}: {usage}; loop of {len(body)} instructions = {len(body) / weights:.2f} per weight")
+            blocks = ops["HGMMA"] // 8  # K blocks a trip: eight k16 wgmmas each
+            weights = blocks * 64 * 128 // 128  # per thread: 64 rows x 128 codes a block over 128 threads
+            print(f"\n{name}: {usage}; loop of {len(body)} instructions for {blocks} K block(s) = "
+                  f"{len(body) / weights:.2f} per weight")
             print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
             if listing:
                 print("\n".join(re.sub(r"\s*/\* 0x[0-9a-f]+ \*/", "", line) for line in body))

@@ -137,6 +137,28 @@ if gluon is not None:
         return xb
 
     @gluon.jit
+    def _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb, K, pack_even, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
+                    GS: gl.constexpr, PACKS: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr):
+        """What block kb needs loaded ahead: its weights, and its x where X_AHEAD (else a stand-in)."""
+        words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c, sb_c, GS,
+                                           PACKS, False)
+        if X_AHEAD:
+            xb = _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR)
+        else:
+            xb = words
+        return words, scale, bias, xb
+
+    @gluon.jit
+    def _run_block(acc, words, scale, bias, xb, kb, x_ptrs, K, m_ok, sx_k, x_smem, PACKS: gl.constexpr,
+                   X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, a_layout: gl.constexpr):
+        """_mma_block on a loaded state; x loaded now unless it came with the state."""
+        if X_AHEAD:
+            return _mma_block(acc, words, scale, bias, xb, x_smem, PACKS, a_layout)
+        else:
+            return _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
+                              x_smem, PACKS, a_layout)
+
+    @gluon.jit
     def _mma_block(acc, words, scale, bias, xb, x_smem, PACKS: gl.constexpr, a_layout: gl.constexpr):
         """acc += one K block's products, in the canonical order: x staged in shared memory as the B operand, the
         words decoded slot by slot into register A operands, one k16 wgmma per code slot."""
@@ -240,24 +262,24 @@ if gluon is not None:
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
         X_AHEAD: gl.constexpr = PREFETCH and BLOCK_M <= 16  # (wider x blocks would hold too many registers)
-        if PREFETCH:
+        if PREFETCH:  # two blocks a step, each one's loads issued before the other's decode (no register copies)
             if lo < whole:
-                words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, lo, K, pack_even, packs2d, sw_c, ss_c,
-                                                   sb_c, GS, PACKS, False)
-                if X_AHEAD:
-                    xb = _load_x(x_ptrs, lo, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR)
-                for kb in range(lo, whole):
-                    ahead = gl.minimum(kb + 1, whole - 1)  # (the last step loads its own block again: unused)
-                    next_words, next_scale, next_bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, ahead, K, pack_even,
-                                                                      packs2d, sw_c, ss_c, sb_c, GS, PACKS, False)
-                    if X_AHEAD:
-                        next_xb = _load_x(x_ptrs, ahead, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR)
-                        acc = _mma_block(acc, words, scale, bias, xb, x_smem, PACKS, a_layout)
-                        xb = next_xb
-                    else:
-                        acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS,
-                                                                          X_SLOT_MAJOR), x_smem, PACKS, a_layout)
-                    words, scale, bias = next_words, next_scale, next_bias
+                w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, pack_even, packs2d, m_ok, sw_c,
+                                                 ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                for pair in range(0, (whole - lo) // 2):
+                    kb = lo + 2 * pair
+                    w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb + 1, K, pack_even, packs2d,
+                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, w_a, s_a, b_a, x_a, kb, x_ptrs, K, m_ok, sx_k, x_smem, PACKS, X_AHEAD,
+                                     X_SLOT_MAJOR, a_layout)
+                    ahead = gl.minimum(kb + 2, whole - 1)  # (past the split's end: its last block again, unused)
+                    w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, pack_even, packs2d,
+                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, w_b, s_b, b_b, x_b, kb + 1, x_ptrs, K, m_ok, sx_k, x_smem, PACKS, X_AHEAD,
+                                     X_SLOT_MAJOR, a_layout)
+                if (whole - lo) % 2 == 1:  # the split's last block, loaded by the last step (or before the loop)
+                    acc = _run_block(acc, w_a, s_a, b_a, x_a, whole - 1, x_ptrs, K, m_ok, sx_k, x_smem, PACKS,
+                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
         else:
             for kb in range(lo, whole):
                 words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c,
