@@ -5,7 +5,9 @@ Usage (GPU machine, repo root): PYTHONPATH=src python benchmarks/overhead_bench.
 Host time per call: the median over 5 batches of N/5 calls enqueued back to back without a sync, per call
 (the GPU queue is deep enough that the host never waits on it, so this is the time Python + dispatch + launch cost
 the CPU). The launch floor is the output's allocation and the kernels' launches through Triton's C launcher alone:
-the part of a call no Python layer can remove; a call's host time minus it is lowbit's Python overhead. GPU time per
+the part of a call no Python layer can remove; a call's host time minus it is lowbit's Python overhead. The stubbed
+rows time the same call with the bound product's C launches made no-ops: lowbit's Python (plus the output's
+torch.empty) alone, free of the launch and the GPU queue. GPU time per
 call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU
 time is host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
 """
@@ -73,6 +75,32 @@ def launch_floor(x, q, gs, bits, mode):
     return floor
 
 
+def _no_launch(*args):
+    pass
+
+
+def python_only(x, q, gs, bits, mode, call):
+    """`call` with the bound product's C launches made no-ops: lowbit's own per-call host work (the Python, the
+    output's allocation) measured without the launches or the GPU queue."""
+    BOUND_PRODUCTS.clear()
+    for _ in range(2):
+        lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits, mode)
+    (bound,) = BOUND_PRODUCTS.values()
+    launches = [b for b in (bound.qmm, bound.slot_major) if b is not None]
+    saved = [dict(b._by_alignment) for b in launches]
+
+    def stubbed():
+        for b in launches:
+            b._by_alignment = {key: (_no_launch, head, tail) for key, (_, head, tail) in b._by_alignment.items()}
+        try:
+            return host_us(call)
+        finally:
+            for b, entries in zip(launches, saved):
+                b._by_alignment = entries
+
+    return stubbed
+
+
 def main():
     eager_only = "--eager" in sys.argv
     output = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
@@ -94,6 +122,13 @@ def main():
                                                                      mode)), gpu))
             rows.append((f"launch floor {label}: torch.empty + the same kernels' C launches",
                          host_us(launch_floor(x, q, gs, bits, mode)), gpu))
+            def call(q=q):
+                return lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits, mode)
+
+            rows.append((f"lowbit.quantized_matmul {label}, launches stubbed (lowbit's Python + torch.empty)",
+                         python_only(x, q, gs, bits, mode, call)(), float("nan")))
+            rows.append((f"QuantizedLinear {label}, launches stubbed", python_only(x, q, gs, bits, mode,
+                                                                                   lambda q=q: q(x))(), float("nan")))
             if eager_only:
                 continue
             rows.append((f"torch.ops.lowbit.quantized_matmul {label} (the op a compiled graph calls)",

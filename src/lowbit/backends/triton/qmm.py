@@ -259,8 +259,12 @@ def _tile_config(rows_per_weight: int, interpret: bool):
         return bm, bn, warps, stages, bm <= 64
     if rows_per_weight <= 16:  # measured on an H200 (benchmarks/prefill_probe.py): 64 weight rows, 4 warps, 3 stages
         return 16, 64, 4, 3, True
-    if rows_per_weight <= 128:
-        return 64, 128, 4, 3, True
+    if rows_per_weight <= 128:  # all the rows in one tile of 64 weight rows: measured on an H100 at M = 32 / 64 / 128
+        # (benchmarks/mid_m_sweep.py, results/h100-2026-12-07-mid-m.md), 1.07-2.2x faster than 64 x 128 tiles for
+        # affine3/4 and mxfp4 in 17 of 18 cases (affine3 4096^2 at M = 128: 56.0 against 47.7 us); as measured, the
+        # 128-token tile runs its splits in one program's loop (no partials of 128 rows through memory)
+        block = triton.next_power_of_2(rows_per_weight)
+        return block, 64, 4, 3, block <= 64
     return 128, 128, 8, 3, False  # (large M that the prefill path does not take: gathers, float32)
 
 
@@ -362,9 +366,9 @@ class _Plan:
         # kernel. Measured on an H200 at M = 1-16 (decode tiles, packed decoders): in the kernel, mxfp4 and nvfp4
         # decode 3-21% faster (fewer registers), affine 4-bit 3-15% slower on the Llama MLP shapes; wider row tiles
         # share one reordered copy. LOWBIT_QMM_X_IN_KERNEL (0 / 1) overrides for those decode tiles (a knob).
-        # The Gluon decode kernel (wgmma_decode.py) serves 4-bit affine decode tiles on Hopper, with the same bits.
-        gluon = wgmma_decode.serves(mode, bits, transpose, x_dtype, weight_dtype, dot, packed, (block_m, block_n, warps),
-                                    routing, split_in_grid, splits, capability)
+        # The Gluon decode kernel (wgmma_decode.py, opt-in) serves 4-bit affine decode tiles on Hopper, same bits.
+        gluon = wgmma_decode.serves(mode, bits, transpose, x_dtype, weight_dtype, dot, packed,
+                                    (block_m, block_n, warps), routing, split_in_grid, splits, capability)
         x_in_kernel = packed and block_m <= 16 and not self.prefill
         x_in_kernel = x_in_kernel and bool(int(os.environ.get("LOWBIT_QMM_X_IN_KERNEL",
                                                               int(mode != "affine" or gluon))))
