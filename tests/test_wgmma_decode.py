@@ -132,18 +132,23 @@ def test_rows_bit_identical_across_batch_sizes_and_paths(hopper, gen):
         assert same_bits(lowbit.quantized_matmul(x[-m:], *q, True, 64, 4, "affine"), full[-m:]), m
 
 
-@pytest.mark.parametrize("knob, value", [("LOWBIT_QMM_X_IN_KERNEL", "0"), ("LOWBIT_GLUON_PREFETCH", "0"),
-                                         ("LOWBIT_QMM_TILE", "16,128,8,3")])
-def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knob, value, gen):
+@pytest.mark.parametrize("knobs", [{"LOWBIT_QMM_X_IN_KERNEL": "0"}, {"LOWBIT_GLUON_PREFETCH": "0"},
+                                   {"LOWBIT_QMM_TILE": "16,128,8,3"},
+                                   {"LOWBIT_QMM_X_IN_KERNEL": "0", "LOWBIT_GLUON_STAGES": "4"},
+                                   {"LOWBIT_QMM_X_IN_KERNEL": "0", "LOWBIT_GLUON_STAGES": "2"}])
+@pytest.mark.parametrize("gs", [32, 64])
+def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen):
     """The Gluon kernel's variants -- x copied slot-major before the launch instead of reordered in the kernel, no
-    prefetch, 128-row tiles of 8 warps -- give the Triton kernel's bits too."""
-    n, k = 1000, 128 * 9 - 64
-    q = quantize3(torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16), 64, 4, "affine")
+    prefetch, 128-row tiles of 8 warps, a ring of cp.async stages -- give the Triton kernel's bits too (K one group
+    short of whole blocks: the last block runs outside the ring)."""
+    n, k = 1000, 128 * 9 - gs
+    q = quantize3(torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16), gs, 4, "affine")
     x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
-    monkeypatch.setenv(knob, value)
+    for knob, value in knobs.items():
+        monkeypatch.setenv(knob, value)
     for m in (1, 16):
-        gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, 64, 4,
+        gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4,
                                                                                    "affine"))
         assert same_bits(gluon, triton), m
-        plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", 64, 4, torch.bfloat16)[0]
+        plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", gs, 4, torch.bfloat16)[0]
         assert plan.qmm.kernel is wgmma_decode.affine4_decode_kernel
