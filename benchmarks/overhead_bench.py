@@ -7,9 +7,9 @@ Host time per call: the median over 5 batches of N/5 calls enqueued back to back
 the CPU). The launch floor is the output's allocation and the kernels' launches through Triton's C launcher alone:
 the part of a call no Python layer can remove; a call's host time minus it is lowbit's Python overhead. The stubbed
 rows time the same call with the bound product's C launches made no-ops: lowbit's Python (plus the output's
-torch.empty) alone, free of the launch and the GPU queue. GPU time per
-call: the same calls replayed in a CUDA graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU
-time is host-bound at decode; that difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
+torch.empty) alone, free of the launch and the GPU queue. GPU time per call: the same calls replayed in a CUDA
+graph (bench_cuda.graph_time_us). A call whose host time exceeds its GPU time is host-bound at decode; that
+difference is what CUDA graphs (`mode="reduce-overhead"`) remove.
 """
 
 import statistics
@@ -45,14 +45,21 @@ def host_us(call, n=N_CALLS, batches=5, warmup=50, drained=False) -> float:
     return statistics.median(times)
 
 
-def launch_floor(x, q, gs, bits, mode):
-    """A closure that does only what no implementation of the call can skip: allocate the output and launch the
-    kernels through Triton's C launcher with the addresses fixed (the bound product's own launches, no Python of
-    lowbit around them). Host time of a call minus this floor is lowbit's Python overhead."""
+def bound_product(call):
+    """The product lowbit binds to `call` (one quantized_matmul): the memo emptied, the call made twice (the second
+    binds it), its one entry."""
     BOUND_PRODUCTS.clear()
     for _ in range(2):
-        lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits, mode)
+        call()
     (bound,) = BOUND_PRODUCTS.values()
+    return bound
+
+
+def launch_floor(x, q, call):
+    """A closure that does only what no implementation of `call` can skip: allocate the output and launch the
+    kernels through Triton's C launcher with the addresses fixed (the bound product's own launches, no Python of
+    lowbit around them). Host time of a call minus this floor is lowbit's Python overhead."""
+    bound = bound_product(call)
     out = torch.empty(bound.out_shape, dtype=bound.plan.kernel_dtype, device=x.device)
     tensors = [x, q.weight, q.scales, out]
     if bound.plan.split_in_grid:
@@ -79,13 +86,10 @@ def _no_launch(*args):
     pass
 
 
-def python_only(x, q, gs, bits, mode, call):
+def python_only(call):
     """`call` with the bound product's C launches made no-ops: lowbit's own per-call host work (the Python, the
     output's allocation) measured without the launches or the GPU queue."""
-    BOUND_PRODUCTS.clear()
-    for _ in range(2):
-        lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits, mode)
-    (bound,) = BOUND_PRODUCTS.values()
+    bound = bound_product(call)
     launches = [b for b in (bound.qmm, bound.slot_major) if b is not None]
     saved = [dict(b._by_alignment) for b in launches]
 
@@ -117,18 +121,16 @@ def main():
             label = f"{mode} g{gs} b{bits}"
             gpu = graph_time_us([lambda q=q: q(x)])
             rows.append((f"QuantizedLinear {label}, eager", host_us(lambda q=q: q(x)), gpu))
-            rows.append((f"lowbit.quantized_matmul {label}, eager",
-                         host_us(lambda q=q: lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits,
-                                                                     mode)), gpu))
-            rows.append((f"launch floor {label}: torch.empty + the same kernels' C launches",
-                         host_us(launch_floor(x, q, gs, bits, mode)), gpu))
-            def call(q=q):
+
+            def call(q=q, gs=gs, bits=bits, mode=mode):
                 return lowbit.quantized_matmul(x, q.weight, q.scales, q.biases, True, gs, bits, mode)
 
+            rows.append((f"lowbit.quantized_matmul {label}, eager", host_us(call), gpu))
+            rows.append((f"launch floor {label}: torch.empty + the same kernels' C launches",
+                         host_us(launch_floor(x, q, call)), gpu))
             rows.append((f"lowbit.quantized_matmul {label}, launches stubbed (lowbit's Python + torch.empty)",
-                         python_only(x, q, gs, bits, mode, call)(), float("nan")))
-            rows.append((f"QuantizedLinear {label}, launches stubbed", python_only(x, q, gs, bits, mode,
-                                                                                   lambda q=q: q(x))(), float("nan")))
+                         python_only(call)(), float("nan")))
+            rows.append((f"QuantizedLinear {label}, launches stubbed", python_only(lambda q=q: q(x))(), float("nan")))
             if eager_only:
                 continue
             rows.append((f"torch.ops.lowbit.quantized_matmul {label} (the op a compiled graph calls)",

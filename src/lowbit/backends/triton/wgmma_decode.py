@@ -111,6 +111,21 @@ if gluon is not None:
         return slot0, slot1
 
     @gluon.jit
+    def _weight_rows(pid_n, N, BLOCK_N: gl.constexpr, layout: gl.constexpr):
+        """The tile's weight rows along a layout's dim 0, int64; rows past N read row N - 1 (their outputs are
+        dropped)."""
+        return gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout)), N - 1).to(gl.int64)
+
+    @gluon.jit
+    def _per_pair(ring_slot, l3: gl.constexpr, pair_layout: gl.constexpr):
+        """A ring slot's (BLOCK_N, GROUPS) scales or biases -> (BLOCK_N, 8) per pack pair, in the pair layout: read in
+        the slice of _group_layout's layout and broadcast over its last dim, so no value moves between threads."""
+        tile = gl.expand_dims(ring_slot.load(gl.SliceLayout(2, l3)), 2)
+        tile, _fill = gl.broadcast(tile, gl.zeros((tile.shape[0], tile.shape[1], 8 // tile.shape[1]), gl.int8,
+                                                  layout=l3))
+        return gl.convert_layout(gl.reshape(tile, (tile.shape[0], 8)), pair_layout, assert_trivial=True)
+
+    @gluon.jit
     def _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c, sb_c, GS: gl.constexpr,
                       PACKS: gl.constexpr, MASKED: gl.constexpr):
         """K block kb's words (BLOCK_N, PACKS), scales and biases (BLOCK_N, PACKS // 2: one per pack pair).
@@ -229,7 +244,8 @@ if gluon is not None:
         """qmm.qmm_kernel's contract (the same arguments, the same program grid and split fold) for the calls
         `serves` admits; the weight tile is the wgmma's register A operand, x the shared-memory B operand.
         PREFETCH: each block's weight loads (and x's, for 16-token tiles) are issued one block ahead, before the
-        previous block's decode."""
+        previous block's decode. STAGES (2 or more, experimental): a ring of cp.async stages in shared memory
+        instead."""
         WARPS: gl.constexpr = BLOCK_N // 16  # (each warp's m16 rows of the wgmma's M side)
         gl.static_assert(BLOCK_K == 128 and BLOCK_M <= 128 and gl.num_warps() == WARPS)
         PACKS: gl.constexpr = BLOCK_K // 8
@@ -276,12 +292,11 @@ if gluon is not None:
             x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * sx_k
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, BLOCK_K], x_smem_layout)
 
-        # weight rows of this tile in the A operand's layout; rows past N read row N - 1 (their outputs are dropped)
-        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+        # weight rows of this tile in the A operand's layout
         offs_p = gl.arange(0, PACKS, layout=gl.SliceLayout(0, a_layout))
-        w_rows = gl.minimum(offs_n, N - 1).to(gl.int64)
+        w_rows = _weight_rows(pid_n, N, BLOCK_N, a_layout)
         w_ptrs = w_ptr + weight * sw_b + w_rows[:, None] * sw_r + offs_p[None, :] * sw_c
-        packs2d = offs_p[None, :] + 0 * offs_n[:, None]
+        packs2d = offs_p[None, :] + 0 * w_rows[:, None].to(gl.int32)
         pack_even, _odd_packs = _pairs(packs2d)  # per pack pair: its first pack (both lie in one group)
         rows_even, _odd_rows = _pairs(w_rows[:, None] + 0 * offs_p[None, :])
         group_even = pack_even * 8 // GS
@@ -305,12 +320,9 @@ if gluon is not None:
             x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_smem_layout)
             w_layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [WARPS, 1], [1, 0])
             g_layout: gl.constexpr = gl.BlockedLayout([1, GROUPS], [32, 1], [WARPS, 1], [1, 0])
-            rows_w = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_layout)),
-                                N - 1).to(gl.int64)
-            w_copy = (w_ptr + weight * sw_b + rows_w[:, None] * sw_r
+            w_copy = (w_ptr + weight * sw_b + _weight_rows(pid_n, N, BLOCK_N, w_layout)[:, None] * sw_r
                       + gl.arange(0, PACKS, layout=gl.SliceLayout(0, w_layout))[None, :] * sw_c)
-            rows_g = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, g_layout)),
-                                N - 1).to(gl.int64)
+            rows_g = _weight_rows(pid_n, N, BLOCK_N, g_layout)
             groups = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, g_layout))
             s_copy = s_ptr + weight * ss_b + rows_g[:, None] * ss_r + groups[None, :] * ss_c
             b_copy = b_ptr + weight * sb_b + rows_g[:, None] * sb_r + groups[None, :] * sb_c
@@ -328,15 +340,10 @@ if gluon is not None:
                     _issue_block(w_ring, s_ring, b_ring, x_ring, (kb - lo + STAGES - 1) % STAGES,
                                  gl.minimum(kb + STAGES - 1, whole - 1), w_copy, s_copy, b_copy, x_ptrs, m_ok,
                                  GROUPS, PACKS)
-                    words = w_ring.index(slot).load(a_layout)
-                    s3, b3 = gl.expand_dims(s_ring.index(slot).load(gl.SliceLayout(2, l3)), 2), gl.expand_dims(
-                        b_ring.index(slot).load(gl.SliceLayout(2, l3)), 2)
-                    fill = gl.zeros((BLOCK_N, GROUPS, 8 // GROUPS), gl.int8, layout=l3)
-                    s3, _fill = gl.broadcast(s3, fill)
-                    b3, _fill = gl.broadcast(b3, fill)
-                    scale = gl.convert_layout(gl.reshape(s3, (BLOCK_N, 8)), pair_layout, assert_trivial=True)
-                    bias = gl.convert_layout(gl.reshape(b3, (BLOCK_N, 8)), pair_layout, assert_trivial=True)
-                    acc = _dot_block(acc, words, scale, bias, x_ring.index(slot), PACKS, a_layout)
+                    acc = _dot_block(acc, w_ring.index(slot).load(a_layout),
+                                     _per_pair(s_ring.index(slot), l3, pair_layout),
+                                     _per_pair(b_ring.index(slot), l3, pair_layout), x_ring.index(slot), PACKS,
+                                     a_layout)
                 async_copy.wait_group(0)
         elif PREFETCH:  # two blocks a step, each one's loads issued before the other's decode (no register copies)
             if lo < whole:
