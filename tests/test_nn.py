@@ -229,6 +229,22 @@ def test_linear_state_dict_round_trip(fmt):
     assert same_bits(copy.deepcopy(q)(x).detach(), q(x).detach())
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=FMT_IDS)
+def test_linear_forward_reads_buffers_assigned_after_a_call(fmt):
+    """forward reads the buffer table directly (QuantizedWeight.quantized_tensors): tensors assigned by attribute
+    after earlier calls are the ones it multiplies by, as nn.Module's attribute lookup would give."""
+    mode, gs, bits = fmt
+    gen = make_gen(5)
+    q = QuantizedLinear.from_linear(float_linear(gen), gs, bits, mode)
+    other = QuantizedLinear.from_linear(float_linear(gen), gs, bits, mode)
+    x = randn(gen, 2, K)
+    with torch.no_grad():
+        before = q(x)
+        q.weight, q.scales, q.biases, q.bias = other.weight, other.scales, other.biases, other.bias
+        assert same_bits(q(x), other(x))
+        assert not same_bits(q(x), before)
+
+
 def test_linear_nvfp4_global_scale():
     gen = make_gen(5)
     lin = float_linear(gen)

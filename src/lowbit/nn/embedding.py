@@ -56,8 +56,9 @@ class QuantizedEmbedding(QuantizedWeight):
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ dequantize(table).T: the tied output head."""
-        return ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self.group_size, self.bits,
-                                    self.mode, global_scale=self.global_scale)
+        weight, scales, biases, global_scale = self.quantized_tensors()
+        return ops.quantized_matmul(x, weight, scales, biases, True, self.group_size, self.bits, self.mode,
+                                    global_scale=global_scale)
 
     def dequantize(self) -> nn.Embedding:
         """A float nn.Embedding holding the dequantized table."""

@@ -47,9 +47,11 @@ class QuantizedLinear(QuantizedWeight):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self.group_size, self.bits,
-                                 self.mode, global_scale=self.global_scale)
-        return y if self.bias is None else y + self.bias
+        weight, scales, biases, global_scale = self.quantized_tensors()
+        y = ops.quantized_matmul(x, weight, scales, biases, True, self.group_size, self.bits, self.mode,
+                                 global_scale=global_scale)
+        bias = self.bias
+        return y if bias is None else y + bias
 
     def dequantize(self) -> nn.Linear:
         """A float nn.Linear holding the dequantized weight (the weight's float dtype, or bfloat16 for fp modes)."""

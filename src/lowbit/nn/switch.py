@@ -95,10 +95,11 @@ class QuantizedSwitchLinear(QuantizedWeight):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False) -> torch.Tensor:
-        y = ops.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=indices, transpose=True,
-                           group_size=self.group_size, bits=self.bits, mode=self.mode,
-                           global_scale=self.global_scale, sorted_indices=sorted_indices)
-        return y if self.bias is None else y + self.bias[indices].unsqueeze(-2)
+        weight, scales, biases, global_scale = self.quantized_tensors()
+        y = ops.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=True, group_size=self.group_size,
+                           bits=self.bits, mode=self.mode, global_scale=global_scale, sorted_indices=sorted_indices)
+        bias = self.bias
+        return y if bias is None else y + bias[indices].unsqueeze(-2)
 
     def dequantize(self) -> SwitchLinear:
         w = self.dequantized_weight()
