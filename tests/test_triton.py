@@ -189,6 +189,38 @@ def test_mxfp8_pair_decoder_text_gives_the_codec_values_for_every_code_and_scale
     assert e4m3_decode(torch.tensor([0x7F, 0xFF], dtype=torch.uint8), torch.float32).isnan().all()
 
 
+@pytest.mark.parametrize("slot", range(4))
+def test_fp4_slot_decoder_text_gives_the_codec_values_for_every_code_and_scale(slot, gen):
+    """The packed e2m1 decoder's PTX for code slot `slot` (decode.e2m1_slot_asm), run by the tests' PTX emulator (no
+    GPU needed): every pair of e2m1 codes in slots `slot` and `slot` + 4 of a word, with random codes in the other
+    slots, times every mxfp4 scale (e8m0 in bf16 as packed_planes forms it: bits e << 7, byte 0 the subnormal
+    2**-127) and every finite nvfp4 block scale (the e4m3 value in bf16) gives the bits of lowbit's codec product
+    rounded once to bf16 in both lanes (NaN scales: NaN)."""
+    from ptx_emulator import run_ptx
+
+    from lowbit.backends.triton.decode import e2m1_slot_asm
+    from lowbit.formats.codecs import e2m1_decode, e4m3_decode, e8m0_decode
+
+    text = e2m1_slot_asm(slot)
+    codes = torch.arange(16, dtype=torch.int64)
+    lo, hi = codes.repeat_interleave(16), codes.repeat(16)  # every (slot, slot + 4) pair
+    others = torch.randint(0, 2**32, (len(lo),), generator=gen)
+    at = 4 * slot
+    words = (others & ~((0xF << at) | (0xF << (at + 16)))) | (lo << at) | (hi << (at + 16))
+    e8m0 = e8m0_decode(torch.arange(256, dtype=torch.int64).to(torch.uint8), torch.float32)
+    e4m3 = e4m3_decode(torch.arange(256, dtype=torch.int64).to(torch.uint8), torch.float32)
+    scales = [(scale, 0x40 if e == 0 else e << 7) for e, scale in enumerate(e8m0.tolist())]
+    scales += [(scale, int(torch.tensor([scale]).to(torch.bfloat16).view(torch.int16)) & 0xFFFF)
+               for scale in e4m3.tolist() if scale == scale]
+    for scale, bits in scales:
+        out = run_ptx(text, {"$2": words, "$3": torch.tensor(bits | (bits << 16))})
+        for lane, code in (("$0", lo), ("$1", hi)):
+            got = out[lane].to(torch.int16).view(torch.bfloat16)
+            want = (e2m1_decode(code.to(torch.uint8), torch.float32) * scale).to(torch.bfloat16)
+            assert same_bits(got[~want.isnan()], want[~want.isnan()]), (slot, scale)
+            assert got[want.isnan()].isnan().all(), (slot, scale)
+
+
 @pytest.mark.skipif(not GPU, reason="the packed decoders are inline PTX (the CPU test above runs their text)")
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_mxfp8_kernels_decode_every_code_and_scale(monkeypatch, path, gen):

@@ -301,21 +301,53 @@ def affine8_pair(words, scale2, bias2, DTYPE: tl.constexpr):
         return affine_pair_f16(words & 0x00FF00FF, scale2, bias2)
 
 
-@triton.jit
-def e2m1_pair(words, scale2):
-    """e2m1 codes in bits 0-3 and 16-19 of `words` -> value * block scale in bf16 (scale2: two bf16 lanes)."""
-    return tl.inline_asm_elementwise(
-        """{ .reg .b32 v, s, c;
-        shl.b32 v, $2, 6;
+def e2m1_slot_asm(slot: int) -> str:
+    """The inline PTX that decodes e2m1 code slot `slot` (0-3) of a word's two 16-bit lanes (bits 4 * slot .. + 3 of
+    each) into value * block scale in bf16 ($2: the word, $3: the scale in both lanes). The magnitude's three bits
+    move straight to bf16 bits 6-8 and the sign to bit 15, each by one shift of the word as loaded (no shift of the
+    word to the slot first); read as bf16 that is the value times 2**-126 (0.5 the subnormal 2**-127), times 2**126
+    and the scale: exact products, one rounding."""
+    def shifted(dst, by):  # the word shifted left by `by` (right where negative) into dst
+        if by == 0:
+            return f"mov.b32 {dst}, $2;"
+        return f"shl.b32 {dst}, $2, {by};" if by > 0 else f"shr.u32 {dst}, $2, {-by};"
+
+    return f"""{{ .reg .b32 v, s, c;
+        {shifted("v", 6 - 4 * slot)}
         and.b32 v, v, 0x01C001C0;
-        shl.b32 s, $2, 12;
+        {shifted("s", 12 - 4 * slot)}
         and.b32 s, s, 0x80008000;
         or.b32 v, v, s;
         mov.b32 c, 0x7E807E80;
         mul.rn.bf16x2 v, v, c;
         mul.rn.bf16x2 v, v, $3;
-        mov.b32 {$0, $1}, v; }""",
-        "=h,=h,r,r", [words, scale2], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        mov.b32 {{$0, $1}}, v; }}"""
+
+
+# (Module-level constants: a Triton function takes inline PTX as a compile-time string, and the tests run the same
+# text through their PTX emulator.)
+E2M1_SLOT0_ASM = tl.constexpr(e2m1_slot_asm(0))
+E2M1_SLOT1_ASM = tl.constexpr(e2m1_slot_asm(1))
+E2M1_SLOT2_ASM = tl.constexpr(e2m1_slot_asm(2))
+E2M1_SLOT3_ASM = tl.constexpr(e2m1_slot_asm(3))
+
+
+@triton.jit
+def e2m1_slot(words, scale2, SLOT: tl.constexpr):
+    """e2m1 code slot SLOT (0-3) of both 16-bit lanes of `words` -> value * block scale in bf16 (scale2: two bf16
+    lanes): slots SLOT and SLOT + 4 of a word of eight codes."""
+    if SLOT == 0:
+        return tl.inline_asm_elementwise(E2M1_SLOT0_ASM, "=h,=h,r,r", [words, scale2],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    elif SLOT == 1:
+        return tl.inline_asm_elementwise(E2M1_SLOT1_ASM, "=h,=h,r,r", [words, scale2],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    elif SLOT == 2:
+        return tl.inline_asm_elementwise(E2M1_SLOT2_ASM, "=h,=h,r,r", [words, scale2],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(E2M1_SLOT3_ASM, "=h,=h,r,r", [words, scale2],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
 
 
 # e4m3 codes in bits 0-7 and 16-23 of $2 -> value * block scale ($3: two bf16 lanes) in bf16. The codes 0x7F / 0xFF

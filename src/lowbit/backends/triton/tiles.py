@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .decode import (
-    affine4_pack_pair, affine8_pair, affine_lanes, e2m1_pair, e2m1_value, e4m3_pair, e4m3_value, e8m0_value,
+    affine4_pack_pair, affine8_pair, affine_lanes, e2m1_slot, e2m1_value, e4m3_pair, e4m3_value, e8m0_value,
     pack_group_tile, pair_of, round_to, slot_codes, slot_codes_runtime, slot_lanes, unpack_tile,
 )
 
@@ -113,13 +113,13 @@ def slot_plane_runtime(w0, w1, w2, w3, w4, scale, bias, slot, MODE: tl.constexpr
 
 
 @triton.jit
-def _packed_pair(words, scale2, bias2, MODE: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    if MODE == 0:  # (4-bit affine decodes by pack pairs, see packed_planes)
+def _packed_pair(words, scale2, bias2, MODE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Affine 8-bit or e4m3 codes in bits 0-7 and 16-23 of `words`, decoded (4-bit codes: e2m1_slot or, affine,
+    pack pairs)."""
+    if MODE == 0:
         return affine8_pair(words, scale2, bias2, DOT_DTYPE)
-    elif MODE == 2:
-        return e4m3_pair(words, scale2)
     else:
-        return e2m1_pair(words, scale2)
+        return e4m3_pair(words, scale2)
 
 
 @triton.jit
@@ -225,15 +225,15 @@ def packed_planes(w0, scale, bias, MODE: tl.constexpr, BITS: tl.constexpr, GROUP
         value, _ = e4m3_pair((byte | (byte << 16)).to(tl.uint32, bitcast=True), one)
         scale2 = per_pack(pair_of(value), GROUPS, PACKS)
         bias2 = scale2
-    if BITS == 4:
-        p0, p4 = _packed_pair(w0, scale2, bias2, MODE, BITS, DOT_DTYPE)
-        p1, p5 = _packed_pair(w0 >> 4, scale2, bias2, MODE, BITS, DOT_DTYPE)
-        p2, p6 = _packed_pair(w0 >> 8, scale2, bias2, MODE, BITS, DOT_DTYPE)
-        p3, p7 = _packed_pair(w0 >> 12, scale2, bias2, MODE, BITS, DOT_DTYPE)
+    if BITS == 4:  # e2m1 (mxfp4, nvfp4): each slot's shifts taken from the word as loaded
+        p0, p4 = e2m1_slot(w0, scale2, 0)
+        p1, p5 = e2m1_slot(w0, scale2, 1)
+        p2, p6 = e2m1_slot(w0, scale2, 2)
+        p3, p7 = e2m1_slot(w0, scale2, 3)
         return p0, p1, p2, p3, p4, p5, p6, p7
     else:
-        p0, p2 = _packed_pair(w0, scale2, bias2, MODE, BITS, DOT_DTYPE)
-        p1, p3 = _packed_pair(w0 >> 8, scale2, bias2, MODE, BITS, DOT_DTYPE)
+        p0, p2 = _packed_pair(w0, scale2, bias2, MODE, DOT_DTYPE)
+        p1, p3 = _packed_pair(w0 >> 8, scale2, bias2, MODE, DOT_DTYPE)
         return p0, p1, p2, p3, p0, p0, p0, p0
 
 
