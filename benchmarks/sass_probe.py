@@ -85,13 +85,11 @@ def main():
                 ("qmm_kernel, x reordered in the kernel", qmm.qmm_kernel, False, dict(x_slot_major=False))]
     if wgmma_decode.gluon is not None:
         variants += [("Gluon decode kernel", wgmma_decode.affine4_decode_kernel, True,
-                      dict(PREFETCH=True, x_slot_major=False, STAGES=0)),
+                      dict(PREFETCH=True, x_slot_major=False)),
                      ("Gluon, x copied slot-major first", wgmma_decode.affine4_decode_kernel, True,
-                      dict(PREFETCH=True, STAGES=0)),
+                      dict(PREFETCH=True)),
                      ("Gluon, no prefetch", wgmma_decode.affine4_decode_kernel, True,
-                      dict(PREFETCH=False, x_slot_major=False, STAGES=0)),
-                     ("Gluon, 4 cp.async stages (x copied slot-major)", wgmma_decode.affine4_decode_kernel, True,
-                      dict(PREFETCH=False, STAGES=4))]
+                      dict(PREFETCH=False, x_slot_major=False))]
     for name, kernel, gluon, options in variants:
         sass, usage = disassemble(compile_decode(kernel, gluon, **options))
         for body in innermost_loops(sass):

@@ -29,7 +29,6 @@ import torch
 try:  # Gluon ships with Triton 3.5 on; what it needs here was checked on 3.6
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 except ImportError:  # pragma: no cover - an older Triton: the Triton kernel serves every call
     gluon = None
@@ -51,12 +50,9 @@ def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dty
 
 
 def constexprs(group_size: int, x_slot_major: bool) -> dict:
-    """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knobs: LOWBIT_GLUON_PREFETCH (0 / 1: loads one
-    block ahead in registers) and LOWBIT_GLUON_STAGES (0, or 2 and more: a ring of cp.async stages in shared memory,
-    for x copied slot-major and group sizes below 128; experimental)."""
-    stages = int(os.environ.get("LOWBIT_GLUON_STAGES", "0"))
-    return {"PREFETCH": os.environ.get("LOWBIT_GLUON_PREFETCH", "1") == "1",
-            "STAGES": stages if stages >= 2 and x_slot_major and group_size < 128 else 0}
+    """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knob: LOWBIT_GLUON_PREFETCH (0 / 1: loads one
+    block ahead in registers)."""
+    return {"PREFETCH": os.environ.get("LOWBIT_GLUON_PREFETCH", "1") == "1"}
 
 
 def affine4_byte_asm(j: int) -> str:
@@ -115,15 +111,6 @@ if gluon is not None:
         """The tile's weight rows along a layout's dim 0, int64; rows past N read row N - 1 (their outputs are
         dropped)."""
         return gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout)), N - 1).to(gl.int64)
-
-    @gluon.jit
-    def _per_pair(ring_slot, l3: gl.constexpr, pair_layout: gl.constexpr):
-        """A ring slot's (BLOCK_N, GROUPS) scales or biases -> (BLOCK_N, 8) per pack pair, in the pair layout: read in
-        the slice of _group_layout's layout and broadcast over its last dim, so no value moves between threads."""
-        tile = gl.expand_dims(ring_slot.load(gl.SliceLayout(2, l3)), 2)
-        tile, _fill = gl.broadcast(tile, gl.zeros((tile.shape[0], tile.shape[1], 8 // tile.shape[1]), gl.int8,
-                                                  layout=l3))
-        return gl.convert_layout(gl.reshape(tile, (tile.shape[0], 8)), pair_layout, assert_trivial=True)
 
     @gluon.jit
     def _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c, sb_c, GS: gl.constexpr,
@@ -205,29 +192,6 @@ if gluon is not None:
                                 is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    @gluon.constexpr_function
-    def _group_layout(groups, warps):
-        """The (BLOCK_N, GROUPS, pairs per group) layout whose broadcast over its last dim, reshaped to
-        (BLOCK_N, pairs), is the pack-pair layout of the words' even columns (rows r and r + 8 in registers,
-        pairs t and t + 4 of lane t % 4): the scales read from shared memory in its slice need no exchange."""
-        per_group = 8 // groups
-        pair_bits = [[0, (1 << b) // per_group, (1 << b) % per_group] for b in range(3)]  # pair i = g * per_group + j
-        return gl.DistributedLinearLayout(
-            reg_bases=[[8, 0, 0], pair_bits[2]], lane_bases=[pair_bits[0], pair_bits[1], [1, 0, 0], [2, 0, 0],
-                                                             [4, 0, 0]],
-            warp_bases=[[16 << w, 0, 0] for w in range(warps.bit_length() - 1)], block_bases=[],
-            shape=[16 * warps, groups, per_group])
-
-    @gluon.jit
-    def _issue_block(w_ring, s_ring, b_ring, x_ring, slot, kb, w_copy, s_copy, b_copy, x_copy, m_ok_copy,
-                     GROUPS: gl.constexpr, PACKS: gl.constexpr):
-        """cp.async of K block kb's words, scales, biases and slot-major x into ring slot `slot`, one commit group."""
-        async_copy.async_copy_global_to_shared(w_ring.index(slot), w_copy + kb * PACKS)
-        async_copy.async_copy_global_to_shared(s_ring.index(slot), s_copy + kb * GROUPS)
-        async_copy.async_copy_global_to_shared(b_ring.index(slot), b_copy + kb * GROUPS)
-        async_copy.async_copy_global_to_shared(x_ring.index(slot), x_copy + kb * PACKS * 8, mask=m_ok_copy[:, None])
-        async_copy.commit_group()
-
     @gluon.jit
     def affine4_decode_kernel(
         x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr,
@@ -239,13 +203,12 @@ if gluon is not None:
         SPLITS: gl.constexpr, SPLIT_IN_GRID: gl.constexpr, SCALE_DTYPE: gl.constexpr, DOT_DTYPE: gl.constexpr,
         PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         ROUTING: gl.constexpr, PACKED: gl.constexpr, BLOCKS: gl.constexpr, UNROLL_SLOTS: gl.constexpr,
-        X_SLOT_MAJOR: gl.constexpr, INTERPRET: gl.constexpr, PREFETCH: gl.constexpr, STAGES: gl.constexpr,
+        X_SLOT_MAJOR: gl.constexpr, INTERPRET: gl.constexpr, PREFETCH: gl.constexpr,
     ):
         """qmm.qmm_kernel's contract (the same arguments, the same program grid and split fold) for the calls
         `serves` admits; the weight tile is the wgmma's register A operand, x the shared-memory B operand.
         PREFETCH: each block's weight loads (and x's, for 16-token tiles) are issued one block ahead, before the
-        previous block's decode. STAGES (2 or more, experimental): a ring of cp.async stages in shared memory
-        instead."""
+        previous block's decode."""
         WARPS: gl.constexpr = BLOCK_N // 16  # (each warp's m16 rows of the wgmma's M side)
         gl.static_assert(BLOCK_K == 128 and BLOCK_M <= 128 and gl.num_warps() == WARPS)
         PACKS: gl.constexpr = BLOCK_K // 8
@@ -310,42 +273,7 @@ if gluon is not None:
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
         X_AHEAD: gl.constexpr = PREFETCH and BLOCK_M <= 16  # (wider x blocks would hold too many registers)
-        if STAGES > 0:  # words, scales, biases and slot-major x through a ring of cp.async stages
-            GROUPS: gl.constexpr = BLOCK_K // GS
-            gl.static_assert(X_SLOT_MAJOR and GROUPS >= 2)  # (a row's scales of a block: 4 bytes at least)
-            plain: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-            w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, PACKS], plain)
-            s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES, BLOCK_N, GROUPS], plain)
-            b_ring = gl.allocate_shared_memory(b_ptr.dtype.element_ty, [STAGES, BLOCK_N, GROUPS], plain)
-            x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_smem_layout)
-            w_layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [WARPS, 1], [1, 0])
-            g_layout: gl.constexpr = gl.BlockedLayout([1, GROUPS], [32, 1], [WARPS, 1], [1, 0])
-            w_copy = (w_ptr + weight * sw_b + _weight_rows(pid_n, N, BLOCK_N, w_layout)[:, None] * sw_r
-                      + gl.arange(0, PACKS, layout=gl.SliceLayout(0, w_layout))[None, :] * sw_c)
-            rows_g = _weight_rows(pid_n, N, BLOCK_N, g_layout)
-            groups = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, g_layout))
-            s_copy = s_ptr + weight * ss_b + rows_g[:, None] * ss_r + groups[None, :] * ss_c
-            b_copy = b_ptr + weight * sb_b + rows_g[:, None] * sb_r + groups[None, :] * sb_c
-            l3: gl.constexpr = _group_layout(GROUPS, WARPS)
-            pair_layout: gl.constexpr = pack_even.type.layout
-            if lo < whole:
-                for i in gl.static_range(STAGES - 1):
-                    _issue_block(w_ring, s_ring, b_ring, x_ring, i, gl.minimum(lo + i, whole - 1), w_copy, s_copy,
-                                 b_copy, x_ptrs, m_ok, GROUPS, PACKS)
-                for kb in range(lo, whole):
-                    slot = (kb - lo) % STAGES
-                    async_copy.wait_group(STAGES - 2)  # this block's group has landed
-                    fence_async_shared()
-                    _barrier()  # ... for every thread, and every thread is done with the slot refilled next
-                    _issue_block(w_ring, s_ring, b_ring, x_ring, (kb - lo + STAGES - 1) % STAGES,
-                                 gl.minimum(kb + STAGES - 1, whole - 1), w_copy, s_copy, b_copy, x_ptrs, m_ok,
-                                 GROUPS, PACKS)
-                    acc = _dot_block(acc, w_ring.index(slot).load(a_layout),
-                                     _per_pair(s_ring.index(slot), l3, pair_layout),
-                                     _per_pair(b_ring.index(slot), l3, pair_layout), x_ring.index(slot), PACKS,
-                                     a_layout)
-                async_copy.wait_group(0)
-        elif PREFETCH:  # two blocks a step, each one's loads issued before the other's decode (no register copies)
+        if PREFETCH:  # two blocks a step, each one's loads issued before the other's decode (no register copies)
             if lo < whole:
                 w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, pack_even, packs2d, m_ok, sw_c,
                                                  ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
