@@ -112,17 +112,41 @@ if gluon is not None:
         dropped)."""
         return gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout)), N - 1).to(gl.int64)
 
+    @gluon.constexpr_function
+    def _group_layout(groups, warps):
+        """The (BLOCK_N, GROUPS, pairs per group) layout whose broadcast over its last dim, reshaped to
+        (BLOCK_N, pairs), is the pack-pair layout of the words' even columns (rows r and r + 8 in registers,
+        pairs t and t + 4 of lane t % 4). Its slice over the last dim holds a thread's two rows' GROUPS scales
+        (one vector load a row, shared by the four lanes of a row)."""
+        per_group = 8 // groups
+        pair_bits = [[0, (1 << b) // per_group, (1 << b) % per_group] for b in range(3)]  # pair i = g * per_group + j
+        return gl.DistributedLinearLayout(
+            reg_bases=[pair_bits[2], [8, 0, 0]], lane_bases=[pair_bits[0], pair_bits[1], [1, 0, 0], [2, 0, 0],
+                                                             [4, 0, 0]],
+            warp_bases=[[16 << w, 0, 0] for w in range(warps.bit_length() - 1)], block_bases=[],
+            shape=[16 * warps, groups, per_group])
+
     @gluon.jit
-    def _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c, sb_c, GS: gl.constexpr,
+    def _per_pair(tile, pair_layout: gl.constexpr):
+        """(BLOCK_N, GROUPS) values in _group_layout's slice -> (BLOCK_N, 8), one per pack pair, in the pair layout:
+        a broadcast over the pairs of each group, so no value moves between threads (assert_trivial proves it)."""
+        l3: gl.constexpr = _group_layout(tile.shape[1], tile.shape[0] // 16)
+        tile = gl.expand_dims(tile, 2)
+        tile, _fill = gl.broadcast(tile, gl.zeros((tile.shape[0], tile.shape[1], 8 // tile.shape[1]), gl.int8,
+                                                  layout=l3))
+        return gl.convert_layout(gl.reshape(tile, (tile.shape[0], 8)), pair_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, groups, packs2d, sw_c, ss_c, sb_c, GS: gl.constexpr,
                       PACKS: gl.constexpr, MASKED: gl.constexpr):
-        """K block kb's words (BLOCK_N, PACKS), scales and biases (BLOCK_N, PACKS // 2: one per pack pair).
+        """K block kb's words (BLOCK_N, PACKS), scales and biases (BLOCK_N, GROUPS; `groups` their group indices).
         MASKED: the block runs past K (the last one): words, scales and biases past K read as zero, so their
         weights are zero (as x is)."""
         BLOCK_K: gl.constexpr = PACKS * 8
         GROUPS: gl.constexpr = BLOCK_K // GS
         if MASKED:
             words = gl.load(w_ptrs + kb * PACKS * sw_c, mask=(kb * PACKS + packs2d) * 8 < K, other=0)
-            g_ok = (kb * BLOCK_K + pack_even * 8) < K
+            g_ok = (kb * BLOCK_K + groups * GS) < K
             scale = gl.load(s_ptrs + kb * GROUPS * ss_c, mask=g_ok, other=0.0)
             bias = gl.load(b_ptrs + kb * GROUPS * sb_c, mask=g_ok, other=0.0)
         else:
@@ -144,10 +168,10 @@ if gluon is not None:
         return xb
 
     @gluon.jit
-    def _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb, K, pack_even, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
+    def _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
                     GS: gl.constexpr, PACKS: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr):
         """What block kb needs loaded ahead: its weights, and its x where X_AHEAD (else a stand-in)."""
-        words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c, sb_c, GS,
+        words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, groups, packs2d, sw_c, ss_c, sb_c, GS,
                                            PACKS, False)
         if X_AHEAD:
             xb = _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR)
@@ -184,6 +208,10 @@ if gluon is not None:
         bias2 = gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [bias], dtype=gl.uint32, is_pure=True,
                                           pack=1)
         even, odd = _pairs(words)
+        pairs: gl.constexpr = even.type.layout
+        scale2 = _per_pair(scale2, pairs)
+        neg2 = _per_pair(neg2, pairs)
+        bias2 = _per_pair(bias2, pairs)
         for j in gl.static_range(4):
             slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, a_layout)
             acc = warpgroup_mma(slot0, x_smem.slice(2 * j * PACKS, PACKS, dim=1).permute((1, 0)), acc,
@@ -260,11 +288,13 @@ if gluon is not None:
         w_rows = _weight_rows(pid_n, N, BLOCK_N, a_layout)
         w_ptrs = w_ptr + weight * sw_b + w_rows[:, None] * sw_r + offs_p[None, :] * sw_c
         packs2d = offs_p[None, :] + 0 * w_rows[:, None].to(gl.int32)
-        pack_even, _odd_packs = _pairs(packs2d)  # per pack pair: its first pack (both lie in one group)
-        rows_even, _odd_rows = _pairs(w_rows[:, None] + 0 * offs_p[None, :])
-        group_even = pack_even * 8 // GS
-        s_ptrs = s_ptr + weight * ss_b + rows_even * ss_r + group_even * ss_c
-        b_ptrs = b_ptr + weight * sb_b + rows_even * sb_r + group_even * sb_c
+        # scales and biases: a thread loads its two rows' groups of a block (the layout _per_pair broadcasts)
+        GROUPS: gl.constexpr = BLOCK_K // GS
+        g_layout: gl.constexpr = gl.SliceLayout(2, _group_layout(GROUPS, WARPS))
+        rows_g = _weight_rows(pid_n, N, BLOCK_N, g_layout)
+        groups = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, g_layout))[None, :] + 0 * rows_g[:, None].to(gl.int32)
+        s_ptrs = s_ptr + weight * ss_b + rows_g[:, None] * ss_r + groups * ss_c
+        b_ptrs = b_ptr + weight * sb_b + rows_g[:, None] * sb_r + groups * sb_c
 
         k_blocks = gl.cdiv(K, BLOCK_K)
         per_split = gl.cdiv(k_blocks, SPLITS)
@@ -275,16 +305,16 @@ if gluon is not None:
         X_AHEAD: gl.constexpr = PREFETCH and BLOCK_M <= 16  # (wider x blocks would hold too many registers)
         if PREFETCH:  # two blocks a step, each one's loads issued before the other's decode (no register copies)
             if lo < whole:
-                w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, pack_even, packs2d, m_ok, sw_c,
+                w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, groups, packs2d, m_ok, sw_c,
                                                  ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
                 for pair in range(0, (whole - lo) // 2):
                     kb = lo + 2 * pair
-                    w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb + 1, K, pack_even, packs2d,
+                    w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb + 1, K, groups, packs2d,
                                                      m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
                     acc = _run_block(acc, w_a, s_a, b_a, x_a, kb, x_ptrs, K, m_ok, sx_k, x_smem, PACKS, X_AHEAD,
                                      X_SLOT_MAJOR, a_layout)
                     ahead = gl.minimum(kb + 2, whole - 1)  # (past the split's end: its last block again, unused)
-                    w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, pack_even, packs2d,
+                    w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, groups, packs2d,
                                                      m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
                     acc = _run_block(acc, w_b, s_b, b_b, x_b, kb + 1, x_ptrs, K, m_ok, sx_k, x_smem, PACKS, X_AHEAD,
                                      X_SLOT_MAJOR, a_layout)
@@ -293,12 +323,12 @@ if gluon is not None:
                                      X_AHEAD, X_SLOT_MAJOR, a_layout)
         else:
             for kb in range(lo, whole):
-                words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, pack_even, packs2d, sw_c, ss_c,
+                words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, groups, packs2d, sw_c, ss_c,
                                                    sb_c, GS, PACKS, False)
                 acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
                                  x_smem, PACKS, a_layout)
         if whole < hi:  # the last block of K, partly past it (in the split that holds it; empty splits have none)
-            words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, pack_even, packs2d, sw_c, ss_c, sb_c,
+            words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, groups, packs2d, sw_c, ss_c, sb_c,
                                                GS, PACKS, True)
             acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
                              x_smem, PACKS, a_layout)
