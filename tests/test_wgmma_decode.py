@@ -63,6 +63,25 @@ def test_scale_pair_text(gen):
     assert torch.equal(regs["$1"], _bf16_word((scale.double() * -128).to(torch.bfloat16)))
 
 
+@pytest.mark.skipif(wgmma_decode.gluon is None, reason="this Triton has no Gluon")
+def test_default_serves_single_token_plain_products_only(monkeypatch):
+    """The kernel choice (no GPU needed): by default single-token plain products of 4-bit affine bf16 weights on
+    Hopper; LOWBIT_QMM_GLUON=1 widens it to every tile the kernel admits, 0 turns it off; never off Hopper or for
+    other formats."""
+    def choice(rows=1, routing=0, mode="affine", bits=4, capability=(9, 0)):
+        return wgmma_decode.serves(mode, bits, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, True,
+                                   (16, 64, 4), routing, rows, True, 4, capability)
+
+    monkeypatch.delenv("LOWBIT_QMM_GLUON", raising=False)
+    assert choice() and not choice(rows=2) and not choice(rows=16) and not choice(routing=1)
+    assert not choice(mode="mxfp4") and not choice(bits=8) and not choice(capability=(8, 0))
+    assert not choice(capability=(10, 0)) and not choice(capability=None)
+    monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
+    assert choice(rows=16) and choice(routing=1) and not choice(mode="mxfp4")
+    monkeypatch.setenv("LOWBIT_QMM_GLUON", "0")
+    assert not choice()
+
+
 @pytest.fixture
 def hopper(monkeypatch):
     if not HOPPER:

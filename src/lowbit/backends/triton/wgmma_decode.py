@@ -15,9 +15,9 @@ bound by instruction issue (benchmarks/NOTES.md, v12). Here the layouts are stat
 The arithmetic is the Triton kernel's: the same decoded values (the same inline PTX steps), the same k16 wgmmas
 over the same canonical K order (reduction.py: block by block, slot-major inside a block, split partials folded
 by the tile's last program in split order), so the bits are the same (tested against LOWBIT_QMM_GLUON=0).
-Serves: affine 4-bit, bfloat16 x / scales / biases, transposed weights, decode tiles (BLOCK_M 16 tokens; 32-128
-behind LOWBIT_GLUON_MAX_M; splits in the grid), plain products and per-item routing (MoE decode). Everything else
-runs qmm.py's kernel.
+Serves (see `serves`): affine 4-bit, bfloat16 x / scales / biases, transposed weights, decode tiles; by default the
+single-token plain products, where it is the faster of the two; with LOWBIT_QMM_GLUON=1 also up to 16 tokens (32-128
+behind LOWBIT_GLUON_MAX_M) and per-item routing (MoE decode). Everything else runs qmm.py's kernel.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ except ImportError:  # pragma: no cover - an older Triton: the Triton kernel ser
 
 
 def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dtype, packed: bool, tile: tuple,
-           routing: int, split_in_grid: bool, splits: int, device_capability) -> bool:
+           routing: int, rows: int, split_in_grid: bool, splits: int, device_capability) -> bool:
     """Whether this kernel serves a call the qmm plan describes (tile: BLOCK_M, BLOCK_N, num_warps; routing: qmm's
-    PLAIN 0 or PER_ITEM 1). LOWBIT_QMM_GLUON=1 turns it on (off by default until measured on the GPU; the Triton
-    kernel gives the same bits)."""
-    if gluon is None or os.environ.get("LOWBIT_QMM_GLUON", "0") == "0":
+    PLAIN 0 or PER_ITEM 1; rows: token rows per weight). By default it serves the single-token plain products, where it
+    was measured faster than the Triton kernel (H100, benchmarks/NOTES.md v15: 3-24% at group sizes 32, 64 and 128 on
+    the Llama-3-8B shapes, one case level) -- at 4 and 16 rows it was not. LOWBIT_QMM_GLUON=1 serves every tile it
+    admits, 0 none. Either kernel gives the same bits, so the choice never changes a result."""
+    choice = os.environ.get("LOWBIT_QMM_GLUON")
+    if gluon is None or choice == "0" or (choice != "1" and not (rows == 1 and routing == 0)):
         return False
     block_m, block_n, warps = tile
     max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
