@@ -152,18 +152,18 @@ def test_rows_bit_identical_across_batch_sizes_and_paths(hopper, gen):
 
 
 @pytest.mark.parametrize("knobs", [{"LOWBIT_QMM_X_IN_KERNEL": "0"}, {"LOWBIT_GLUON_PREFETCH": "0"},
-                                   {"LOWBIT_QMM_TILE": "16,128,8,3"}])
+                                   {"LOWBIT_QMM_TILE": "16,128,8,3"}, {"LOWBIT_GLUON_BLOCK_M": "8"}])
 @pytest.mark.parametrize("gs", [32, 64])
 def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen):
     """The Gluon kernel's variants -- x copied slot-major before the launch instead of reordered in the kernel, no
-    prefetch, 128-row tiles of 8 warps -- give the Triton kernel's bits too (K one group short of whole blocks: the
-    last block is the masked one)."""
+    prefetch, 128-row tiles of 8 warps, 8-token tiles (wgmmas of N = 8) -- give the Triton kernel's bits too (K one
+    group short of whole blocks: the last block is the masked one)."""
     n, k = 1000, 128 * 9 - gs
     q = quantize3(torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16), gs, 4, "affine")
     x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
     for knob, value in knobs.items():
         monkeypatch.setenv(knob, value)
-    for m in (1, 16):
+    for m in (1, 5, 16):
         gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4,
                                                                                    "affine"))
         assert same_bits(gluon, triton), m

@@ -369,6 +369,8 @@ class _Plan:
         # The Gluon decode kernel (wgmma_decode.py) serves 4-bit affine single-token products on Hopper, same bits.
         gluon = wgmma_decode.serves(mode, bits, transpose, x_dtype, weight_dtype, dot, packed,
                                     (block_m, block_n, warps), routing, m, split_in_grid, splits, capability)
+        if gluon:
+            block_m = self.block_m = wgmma_decode.token_tile(block_m, m)
         x_in_kernel = packed and block_m <= 16 and not self.prefill
         x_in_kernel = x_in_kernel and bool(int(os.environ.get("LOWBIT_QMM_X_IN_KERNEL",
                                                               int(mode != "affine" or gluon))))

@@ -46,10 +46,18 @@ def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dty
         return False
     block_m, block_n, warps = tile
     max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
-    return (mode == "affine" and bits == 4 and transpose and packed and block_m in (16, 32, 64, 128)
+    return (mode == "affine" and bits == 4 and transpose and packed and block_m in (8, 16, 32, 64, 128)
             and block_m <= max_m and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1)
             and x_dtype == weight_dtype == dot_dtype == torch.bfloat16 and (split_in_grid or splits == 1)
             and device_capability is not None and device_capability[0] == 9 and torch.version.hip is None)
+
+
+def token_tile(block_m: int, rows: int) -> int:
+    """The token tile (BLOCK_M) this kernel runs for the plan's `block_m`: 8 for up to 8 rows where
+    LOWBIT_GLUON_BLOCK_M=8 (a tuning knob: wgmmas of N = 8, half the x staged and half the accumulator), else the
+    plan's."""
+    narrow = os.environ.get("LOWBIT_GLUON_BLOCK_M") == "8"
+    return 8 if narrow and rows <= 8 and block_m == 16 else block_m
 
 
 def constexprs(group_size: int, x_slot_major: bool) -> dict:
