@@ -84,11 +84,11 @@ def main():
     variants = [("qmm_kernel (Triton)", qmm.qmm_kernel, False, {}),
                 ("qmm_kernel, x reordered in the kernel", qmm.qmm_kernel, False, dict(x_slot_major=False))]
     if wgmma_decode.gluon is not None:
-        variants += [("Gluon decode kernel", wgmma_decode.affine4_decode_kernel, True,
+        variants += [("Gluon decode kernel", wgmma_decode.packed4_decode_kernel, True,
                       dict(PREFETCH=True, x_slot_major=False)),
-                     ("Gluon, x copied slot-major first", wgmma_decode.affine4_decode_kernel, True,
+                     ("Gluon, x copied slot-major first", wgmma_decode.packed4_decode_kernel, True,
                       dict(PREFETCH=True)),
-                     ("Gluon, no prefetch", wgmma_decode.affine4_decode_kernel, True,
+                     ("Gluon, no prefetch", wgmma_decode.packed4_decode_kernel, True,
                       dict(PREFETCH=False, x_slot_major=False))]
     for name, kernel, gluon, options in variants:
         sass, usage = disassemble(compile_decode(kernel, gluon, **options))

@@ -1,10 +1,11 @@
-"""The Gluon decode kernel for 4-bit affine weights (backends/triton/wgmma_decode.py).
+"""The Gluon decode kernel for 4-bit codes (backends/triton/wgmma_decode.py).
 
 On CPU (CI): its inline PTX, run through the tests' PTX emulator, gives MLX's dequantized values for every code of
-both packs, for scales and biases across the bfloat16 range. On a Hopper GPU: the plan picks it for 4-bit affine
-decode tiles, and its outputs equal the Triton kernel's (LOWBIT_QMM_GLUON=0) bit for bit -- plain products and
-per-item routing (MoE decode), every affine4 group size, N below and not a multiple of its 64-row tile, K ending
-inside a K block, several splits, strided x -- and the float64 oracle within bf16 tolerance.
+both packs, for affine scales and biases across the bfloat16 range and for every mxfp4 code and scale byte; the
+kernel choice by default and under the knob. On a Hopper GPU: the plan picks it for 4-bit affine (and, under the
+knob, mxfp4) decode tiles, and its outputs equal the Triton kernel's (LOWBIT_QMM_GLUON=0) bit for bit -- plain
+products and per-item routing (MoE decode), every affine4 group size, N below and not a multiple of its 64-row tile,
+K ending inside a K block, several splits, strided x -- and the float64 oracle within bf16 tolerance.
 """
 
 import pytest
@@ -54,6 +55,30 @@ def test_byte_decoder_text_gives_mlx_values_for_every_code(j, gen):
     assert torch.equal(regs["$2"], mlx(15 - a_codes)) and torch.equal(regs["$3"], mlx(15 - b_codes))
 
 
+@pytest.mark.parametrize("j", range(4))
+def test_mxfp4_byte_decoder_text_gives_the_codec_values_for_every_code_and_scale(j, gen):
+    """mxfp4_byte_asm(j) decodes slots 2j and 2j + 1 of two packs to e2m1 value * 2**(e - 127) rounded once to bf16
+    (lowbit's codec product): every byte of pack a (both nibbles) beside a random byte of pack b, under every e8m0
+    scale byte as the kernel forms it (bits e << 7, byte 0 the subnormal 2**-127); NaN where the codec gives NaN."""
+    from lowbit.formats.codecs import e2m1_decode, e8m0_decode
+
+    byte_a = torch.arange(256)
+    byte_b = torch.randint(0, 256, (256,), generator=gen)
+    filler = torch.randint(0, 2**32, (2, 256), generator=gen)
+    keep = ~(0xFF << (8 * j)) & 0xFFFFFFFF
+    word_a = (filler[0] & keep) | (byte_a << (8 * j))
+    word_b = (filler[1] & keep) | (byte_b << (8 * j))
+    for e in range(256):
+        bits = 0x40 if e == 0 else e << 7
+        regs = run_ptx(wgmma_decode.mxfp4_byte_asm(j), {"$4": word_a, "$5": word_b, "$6": torch.tensor(bits * 0x10001)})
+        scale = e8m0_decode(torch.tensor([e], dtype=torch.uint8), torch.float32)
+        for lane, code in (("$0", byte_a & 0xF), ("$1", byte_b & 0xF), ("$2", byte_a >> 4), ("$3", byte_b >> 4)):
+            got = regs[lane].to(torch.int16).view(torch.bfloat16)
+            want = (e2m1_decode(code.to(torch.uint8), torch.float32) * scale).to(torch.bfloat16)
+            assert same_bits(got[~want.isnan()], want[~want.isnan()]), (e, lane)
+            assert got[want.isnan()].isnan().all(), (e, lane)
+
+
 def test_scale_pair_text(gen):
     """SCALE_PAIR_ASM: a bf16 scale in both lanes, and -128 times it (exact) in both lanes."""
     scale = (torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-133, 120, (4096,), generator=gen).float()))
@@ -66,18 +91,20 @@ def test_scale_pair_text(gen):
 @pytest.mark.skipif(wgmma_decode.gluon is None, reason="this Triton has no Gluon")
 def test_default_serves_single_token_plain_products_only(monkeypatch):
     """The kernel choice (no GPU needed): by default single-token plain products of 4-bit affine bf16 weights on
-    Hopper; LOWBIT_QMM_GLUON=1 widens it to every tile the kernel admits, 0 turns it off; never off Hopper or for
-    other formats."""
+    Hopper; LOWBIT_QMM_GLUON=1 widens it to every tile the kernel admits (mxfp4 too), 0 turns it off; never off
+    Hopper or for other formats."""
     def choice(rows=1, routing=0, mode="affine", bits=4, capability=(9, 0)):
-        return wgmma_decode.serves(mode, bits, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, True,
-                                   (16, 64, 4), routing, rows, True, 4, capability)
+        weight = torch.bfloat16 if mode == "affine" else torch.float32  # (qmm.weight_and_dot_dtypes)
+        return wgmma_decode.serves(mode, bits, True, torch.bfloat16, weight, torch.bfloat16, True, (16, 64, 4),
+                                   routing, rows, True, 4, capability)
 
     monkeypatch.delenv("LOWBIT_QMM_GLUON", raising=False)
     assert choice() and not choice(rows=2) and not choice(rows=16) and not choice(routing=1)
     assert not choice(mode="mxfp4") and not choice(bits=8) and not choice(capability=(8, 0))
     assert not choice(capability=(10, 0)) and not choice(capability=None)
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
-    assert choice(rows=16) and choice(routing=1) and not choice(mode="mxfp4")
+    assert choice(rows=16) and choice(routing=1) and choice(mode="mxfp4")
+    assert not choice(mode="nvfp4") and not choice(mode="mxfp8", bits=8) and not choice(bits=3)
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "0")
     assert not choice()
 
@@ -116,13 +143,36 @@ def test_plain_products_equal_the_triton_kernels_bits(monkeypatch, hopper, gs, n
         q = quantize3(w, gs, 4, "affine")
         x = torch.randn(16, 2 * k, generator=gen).to("cuda", torch.bfloat16)[:, ::2]
         plan = qmm._plan_for(x[None, :1], q[0], q[1], q[2], None, None, True, "affine", gs, 4, torch.bfloat16)[0]
-        assert plan.qmm.kernel is wgmma_decode.affine4_decode_kernel
+        assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
         for m in (1, 3, 16):
             gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4,
                                                                                        "affine"))
             assert same_bits(gluon, triton), (n, k, m)
             ref = x[:m].double() @ dequantize_f64(q, gs, 4, "affine").to("cuda").T
             assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize("n, k_blocks", [(4096, 32), (4096, 9), (100, 13), (7, 3)])
+@pytest.mark.parametrize("scales", ["quantized", "every byte"])
+def test_mxfp4_products_equal_the_triton_kernels_bits(monkeypatch, hopper, n, k_blocks, scales, gen):
+    """mxfp4 weights (LOWBIT_QMM_GLUON=1): the Gluon kernel's e2m1 decode and e8m0 scales give the Triton kernel's
+    bits at M = 1..16, K whole blocks or one group short; with scale bytes drawn from all 256 (subnormal 2**-127,
+    2**127, the NaN byte 255) as well as quantized ones; the float64 oracle within bf16 tolerance for the latter."""
+    for k in (128 * k_blocks, 128 * k_blocks - 32):
+        w = torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
+        q = quantize3(w, 32, 4, "mxfp4")
+        if scales == "every byte":
+            q = (q[0], torch.randint(0, 256, q[1].shape, generator=gen).to("cuda", torch.uint8), None)
+        x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
+        plan = qmm._plan_for(x[None, :1], q[0], q[1], None, None, None, True, "mxfp4", 32, 4, torch.bfloat16)[0]
+        assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
+        for m in (1, 5, 16):
+            gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, 32, 4,
+                                                                                       "mxfp4"))
+            assert same_bits(gluon, triton), (n, k, m)
+            if scales == "quantized":
+                ref = x[:m].double() @ dequantize_f64(q, 32, 4, "mxfp4").to("cuda").T
+                assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 7])
@@ -168,4 +218,4 @@ def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen)
                                                                                    "affine"))
         assert same_bits(gluon, triton), m
         plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", gs, 4, torch.bfloat16)[0]
-        assert plan.qmm.kernel is wgmma_decode.affine4_decode_kernel
+        assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel

@@ -384,7 +384,7 @@ class _Plan:
         self.tiles = self.row_tiles * triton.cdiv(n, block_n)
         self.grid = (self.tiles * (splits if split_in_grid else 1),)
         self.qmm = launcher(
-            wgmma_decode.affine4_decode_kernel if gluon else qmm_kernel, warps, stages, max_registers,
+            wgmma_decode.packed4_decode_kernel if gluon else qmm_kernel, warps, stages, max_registers,
             MODE=MODE_IDS[mode], BITS=bits, GS=group_size, TRANSPOSE=transpose, HAS_GLOBAL=has_global,
             PER_PACK=per_pack, WORDS=words, WORDS_POW2=words_pow2,
             SPLITS=splits, SPLIT_IN_GRID=split_in_grid, SCALE_DTYPE=TL_DTYPES[weight_dtype],

@@ -1,4 +1,5 @@
-"""The decode kernel for 4-bit affine weights written in Gluon (Triton's layout-explicit dialect), Hopper only.
+"""The decode kernel for 4-bit codes (affine, and mxfp4 behind a knob) written in Gluon (Triton's layout-explicit
+dialect), Hopper only.
 
 Why a second decode kernel: at M <= 16 the Triton kernel (qmm.py) issues about 5.3 instructions per weight, of which
 the decode proper is 2.4; the rest is code Triton builds around the dot (the scale tiles exchanged into the MMA's
@@ -9,15 +10,17 @@ bound by instruction issue (benchmarks/NOTES.md, v12). Here the layouts are stat
   A operand for one k16 step: a thread holds packs 2t, 2t + 1, 2t + 8, 2t + 9 of rows r and r + 8 -- two 8-byte
   loads a row -- and the A operand of code slot s of those packs is exactly what the pack-pair decoder makes of
   them (slot s of two neighbouring packs in one register's two lanes);
-- scales and biases are loaded per pack pair in that same layout, no exchange;
+- scales and biases are loaded per row and group, in a layout whose broadcast over a group's pack pairs is the
+  pair layout: no exchange between threads;
 - x's K block is staged once in shared memory (slot-major) as the B operand of the block's eight wgmmas.
 
-The arithmetic is the Triton kernel's: the same decoded values (the same inline PTX steps), the same k16 wgmmas
-over the same canonical K order (reduction.py: block by block, slot-major inside a block, split partials folded
-by the tile's last program in split order), so the bits are the same (tested against LOWBIT_QMM_GLUON=0).
-Serves (see `serves`): affine 4-bit, bfloat16 x / scales / biases, transposed weights, decode tiles; by default the
-single-token plain products, where it is the faster of the two; with LOWBIT_QMM_GLUON=1 also up to 16 tokens (32-128
-behind LOWBIT_GLUON_MAX_M) and per-item routing (MoE decode). Everything else runs qmm.py's kernel.
+The arithmetic is the Triton kernel's: the same decoded values (the same exact steps, one rounding where it has
+one), the same k16 wgmmas over the same canonical K order (reduction.py: block by block, slot-major inside a block,
+split partials folded by the tile's last program in split order), so the bits are the same (tested against
+LOWBIT_QMM_GLUON=0). Serves (see `serves`): 4-bit affine with bfloat16 x / scales / biases, transposed weights,
+decode tiles; by default the single-token plain products, where it is the faster of the two; with
+LOWBIT_QMM_GLUON=1 also up to 16 tokens (32-128 behind LOWBIT_GLUON_MAX_M), per-item routing (MoE decode) and mxfp4
+weights with bfloat16 x. Everything else runs qmm.py's kernel.
 """
 
 from __future__ import annotations
@@ -37,18 +40,22 @@ except ImportError:  # pragma: no cover - an older Triton: the Triton kernel ser
 def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dtype, packed: bool, tile: tuple,
            routing: int, rows: int, split_in_grid: bool, splits: int, device_capability) -> bool:
     """Whether this kernel serves a call the qmm plan describes (tile: BLOCK_M, BLOCK_N, num_warps; routing: qmm's
-    PLAIN 0 or PER_ITEM 1; rows: token rows per weight). By default it serves the single-token plain products, where it
-    was measured faster than the Triton kernel (H100, benchmarks/NOTES.md v15: 3-24% at group sizes 32, 64 and 128 on
-    the Llama-3-8B shapes, one case level) -- at 4 and 16 rows it was not. LOWBIT_QMM_GLUON=1 serves every tile it
-    admits, 0 none. Either kernel gives the same bits, so the choice never changes a result."""
+    PLAIN 0 or PER_ITEM 1; rows: token rows per weight). By default it serves the single-token plain products of 4-bit
+    affine weights, where it was measured faster than the Triton kernel (H100, benchmarks/NOTES.md v15: 3-24% at
+    group sizes 32, 64 and 128 on the Llama-3-8B shapes, one case level) -- at 4 and 16 rows it was not.
+    LOWBIT_QMM_GLUON=1 serves every tile it admits, mxfp4 included (not yet measured), and 0 none. Either kernel gives
+    the same bits, so the choice never changes a result."""
     choice = os.environ.get("LOWBIT_QMM_GLUON")
-    if gluon is None or choice == "0" or (choice != "1" and not (rows == 1 and routing == 0)):
+    if gluon is None or choice == "0":
+        return False
+    affine4 = mode == "affine" and bits == 4 and weight_dtype == torch.bfloat16
+    if choice != "1" and not (affine4 and rows == 1 and routing == 0):
         return False
     block_m, block_n, warps = tile
     max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
-    return (mode == "affine" and bits == 4 and transpose and packed and block_m in (8, 16, 32, 64, 128)
+    return ((affine4 or mode == "mxfp4") and transpose and packed and block_m in (8, 16, 32, 64, 128)
             and block_m <= max_m and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1)
-            and x_dtype == weight_dtype == dot_dtype == torch.bfloat16 and (split_in_grid or splits == 1)
+            and x_dtype == dot_dtype == torch.bfloat16 and (split_in_grid or splits == 1)
             and device_capability is not None and device_capability[0] == 9 and torch.version.hip is None)
 
 
@@ -87,6 +94,34 @@ def affine4_byte_asm(j: int) -> str:
     mov.b32 {{$2, $3}}, hi; }}"""
 
 
+def mxfp4_byte_asm(j: int) -> str:
+    """affine4_byte_asm's counterpart for e2m1 codes (mxfp4): slots 2j and 2j + 1 of two neighbouring packs (words
+    $4, $5) -> value * block scale in bf16 ({$0, $1}: slot 2j, {$2, $3}: slot 2j + 1; $6: the e8m0 scale as bf16 in
+    both lanes). After the same prmt, each nibble's magnitude bits move to bf16 bits 6-8 and its sign to bit 15 (a
+    shift and a mask each); read as bf16 that is the value times 2**-126 (0.5 the subnormal 2**-127), times 2**126
+    and the scale: exact products, one rounding, as decode.e2m1_slot."""
+    selector = j | (j << 4) | ((4 + j) << 8) | ((4 + j) << 12)
+    return f"""{{ .reg .b32 t, lo, hi, s, c;
+    prmt.b32 t, $4, $5, {selector:#x};
+    shl.b32 lo, t, 6;
+    and.b32 lo, lo, 0x01C001C0;
+    shl.b32 s, t, 12;
+    and.b32 s, s, 0x80008000;
+    or.b32 lo, lo, s;
+    shl.b32 hi, t, 2;
+    and.b32 hi, hi, 0x01C001C0;
+    shl.b32 s, t, 8;
+    and.b32 s, s, 0x80008000;
+    or.b32 hi, hi, s;
+    mov.b32 c, 0x7E807E80;
+    mul.rn.bf16x2 lo, lo, c;
+    mul.rn.bf16x2 lo, lo, $6;
+    mul.rn.bf16x2 hi, hi, c;
+    mul.rn.bf16x2 hi, hi, $6;
+    mov.b32 {{$0, $1}}, lo;
+    mov.b32 {{$2, $3}}, hi; }}"""
+
+
 # a bf16 scale ($2) -> (scale, scale) and (-128 * scale, -128 * scale) as bf16x2 words (the product is exact)
 SCALE_PAIR_ASM = """{ .reg .b32 t, c;
     mov.b32 t, {$2, $2};
@@ -98,6 +133,7 @@ SCALE_PAIR_ASM = """{ .reg .b32 t, c;
 if gluon is not None:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed after Triton 3.6)
     _byte_asm = gluon.constexpr_function(affine4_byte_asm)
+    _mxfp4_byte_asm = gluon.constexpr_function(mxfp4_byte_asm)
     _SCALE_PAIR_ASM = gl.constexpr(SCALE_PAIR_ASM)
 
     @gluon.jit
@@ -106,11 +142,17 @@ if gluon is not None:
         return gl.split(gl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
 
     @gluon.jit
-    def _slot_planes(even, odd, scale2, neg2, bias2, J: gl.constexpr, a_layout: gl.constexpr):
-        """Code slots 2J and 2J + 1 of the block: two (BLOCK_N, PACKS) bf16 A operands."""
-        s0a, s0b, s1a, s1b = gl.inline_asm_elementwise(
-            _byte_asm(J), "=h,=h,=h,=h,r,r,r,r,r", [even, odd, scale2, neg2, bias2],
-            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+    def _slot_planes(even, odd, scale2, neg2, bias2, J: gl.constexpr, MXFP4: gl.constexpr, a_layout: gl.constexpr):
+        """Code slots 2J and 2J + 1 of the block: two (BLOCK_N, PACKS) bf16 A operands (MXFP4: e2m1 codes times the
+        block scale scale2; else affine codes, with neg2 and bias2)."""
+        if MXFP4:
+            s0a, s0b, s1a, s1b = gl.inline_asm_elementwise(
+                _mxfp4_byte_asm(J), "=h,=h,=h,=h,r,r,r", [even, odd, scale2],
+                dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        else:
+            s0a, s0b, s1a, s1b = gl.inline_asm_elementwise(
+                _byte_asm(J), "=h,=h,=h,=h,r,r,r,r,r", [even, odd, scale2, neg2, bias2],
+                dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
         n: gl.constexpr = even.shape[0]
         packs: gl.constexpr = 2 * even.shape[1]
         slot0 = gl.convert_layout(gl.reshape(gl.join(s0a, s0b), (n, packs)), a_layout, assert_trivial=True)
@@ -152,18 +194,19 @@ if gluon is not None:
                       PACKS: gl.constexpr, MASKED: gl.constexpr):
         """K block kb's words (BLOCK_N, PACKS), scales and biases (BLOCK_N, GROUPS; `groups` their group indices).
         MASKED: the block runs past K (the last one): words, scales and biases past K read as zero, so their
-        weights are zero (as x is)."""
+        weights are zero (as x is). mxfp4 (uint8 scales) has no biases: its scales stand in for them."""
         BLOCK_K: gl.constexpr = PACKS * 8
         GROUPS: gl.constexpr = BLOCK_K // GS
+        HAS_BIASES: gl.constexpr = s_ptrs.dtype.element_ty != gl.uint8
         if MASKED:
             words = gl.load(w_ptrs + kb * PACKS * sw_c, mask=(kb * PACKS + packs2d) * 8 < K, other=0)
             g_ok = (kb * BLOCK_K + groups * GS) < K
-            scale = gl.load(s_ptrs + kb * GROUPS * ss_c, mask=g_ok, other=0.0)
-            bias = gl.load(b_ptrs + kb * GROUPS * sb_c, mask=g_ok, other=0.0)
+            scale = gl.load(s_ptrs + kb * GROUPS * ss_c, mask=g_ok, other=0)
+            bias = gl.load(b_ptrs + kb * GROUPS * sb_c, mask=g_ok, other=0) if HAS_BIASES else scale
         else:
             words = gl.load(w_ptrs + kb * PACKS * sw_c)
             scale = gl.load(s_ptrs + kb * GROUPS * ss_c)
-            bias = gl.load(b_ptrs + kb * GROUPS * sb_c)
+            bias = gl.load(b_ptrs + kb * GROUPS * sb_c) if HAS_BIASES else scale
         return words, scale, bias
 
     @gluon.jit
@@ -214,17 +257,25 @@ if gluon is not None:
         """acc += one K block's products, in the canonical order: the words decoded slot by slot into register A
         operands, one k16 wgmma per code slot against x's slot in shared memory."""
         words = words.to(gl.uint32, bitcast=True)
-        scale2, neg2 = gl.inline_asm_elementwise(_SCALE_PAIR_ASM, "=r,=r,h", [scale], dtype=(gl.uint32, gl.uint32),
-                                                 is_pure=True, pack=1)
-        bias2 = gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [bias], dtype=gl.uint32, is_pure=True,
-                                          pack=1)
         even, odd = _pairs(words)
         pairs: gl.constexpr = even.type.layout
-        scale2 = _per_pair(scale2, pairs)
-        neg2 = _per_pair(neg2, pairs)
-        bias2 = _per_pair(bias2, pairs)
+        MXFP4: gl.constexpr = scale.dtype == gl.uint8
+        if MXFP4:  # e8m0 byte e -> bf16 2**(e - 127) in both lanes: bits e << 7 (byte 0: the subnormal 2**-127)
+            e = scale.to(gl.int32)
+            bits = gl.where(e == 0, 0x40, e << 7)
+            scale2 = _per_pair((bits | (bits << 16)).to(gl.uint32, bitcast=True), pairs)
+            neg2 = scale2
+            bias2 = scale2
+        else:
+            scale2, neg2 = gl.inline_asm_elementwise(_SCALE_PAIR_ASM, "=r,=r,h", [scale],
+                                                     dtype=(gl.uint32, gl.uint32), is_pure=True, pack=1)
+            bias2 = gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [bias], dtype=gl.uint32,
+                                              is_pure=True, pack=1)
+            scale2 = _per_pair(scale2, pairs)
+            neg2 = _per_pair(neg2, pairs)
+            bias2 = _per_pair(bias2, pairs)
         for j in gl.static_range(4):
-            slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, a_layout)
+            slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, MXFP4, a_layout)
             acc = warpgroup_mma(slot0, x_smem.slice(2 * j * PACKS, PACKS, dim=1).permute((1, 0)), acc,
                                 is_async=True)
             acc = warpgroup_mma(slot1, x_smem.slice((2 * j + 1) * PACKS, PACKS, dim=1).permute((1, 0)), acc,
@@ -232,7 +283,7 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     @gluon.jit
-    def affine4_decode_kernel(
+    def packed4_decode_kernel(
         x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr,
         out_ptr, part_ptr, arrivals_ptr,
         M, N, K, n_rows, n_weights, sg,
