@@ -56,10 +56,11 @@ def test_byte_decoder_text_gives_mlx_values_for_every_code(j, gen):
 
 
 @pytest.mark.parametrize("j", range(4))
-def test_mxfp4_byte_decoder_text_gives_the_codec_values_for_every_code_and_scale(j, gen):
-    """mxfp4_byte_asm(j) decodes slots 2j and 2j + 1 of two packs to e2m1 value * 2**(e - 127) rounded once to bf16
+def test_fp4_byte_decoder_text_gives_the_codec_values_for_every_code_and_scale(j, gen):
+    """fp4_byte_asm(j) decodes slots 2j and 2j + 1 of two packs to e2m1 value * block scale rounded once to bf16
     (lowbit's codec product): every byte of pack a (both nibbles) beside a random byte of pack b, under every e8m0
-    scale byte as the kernel forms it (bits e << 7, byte 0 the subnormal 2**-127); NaN where the codec gives NaN."""
+    scale byte as the kernel forms it (bits e << 7, byte 0 the subnormal 2**-127); NaN where the codec gives NaN.
+    (nvfp4's e4m3 scales are bf16 values of the same kind: test_e4m3_word_text, and the GPU tests.)"""
     from lowbit.formats.codecs import e2m1_decode, e8m0_decode
 
     byte_a = torch.arange(256)
@@ -70,13 +71,26 @@ def test_mxfp4_byte_decoder_text_gives_the_codec_values_for_every_code_and_scale
     word_b = (filler[1] & keep) | (byte_b << (8 * j))
     for e in range(256):
         bits = 0x40 if e == 0 else e << 7
-        regs = run_ptx(wgmma_decode.mxfp4_byte_asm(j), {"$4": word_a, "$5": word_b, "$6": torch.tensor(bits * 0x10001)})
+        regs = run_ptx(wgmma_decode.fp4_byte_asm(j), {"$4": word_a, "$5": word_b, "$6": torch.tensor(bits * 0x10001)})
         scale = e8m0_decode(torch.tensor([e], dtype=torch.uint8), torch.float32)
         for lane, code in (("$0", byte_a & 0xF), ("$1", byte_b & 0xF), ("$2", byte_a >> 4), ("$3", byte_b >> 4)):
             got = regs[lane].to(torch.int16).view(torch.bfloat16)
             want = (e2m1_decode(code.to(torch.uint8), torch.float32) * scale).to(torch.bfloat16)
             assert same_bits(got[~want.isnan()], want[~want.isnan()]), (e, lane)
             assert got[want.isnan()].isnan().all(), (e, lane)
+
+
+def test_e4m3_word_text_gives_the_codec_value_of_every_byte():
+    """e4m3_word_asm (nvfp4's block scales in the Gluon kernel): every e4m3 byte, given in both lanes, comes back as
+    its codec value in bf16 in both lanes (exact: e4m3 values are bf16 values); the NaN bytes 0x7F / 0xFF as NaN."""
+    from lowbit.formats.codecs import e4m3_decode
+
+    byte = torch.arange(256)
+    regs = run_ptx(wgmma_decode.e4m3_word_asm(), {"$1": byte * 0x10001, "$2": torch.tensor(0x3F803F80)})
+    want = e4m3_decode(byte.to(torch.uint8), torch.float32).to(torch.bfloat16)
+    for lane in (regs["$0"] & 0xFFFF, regs["$0"] >> 16):
+        got = lane.to(torch.int16).view(torch.bfloat16)
+        assert same_bits(got[~want.isnan()], want[~want.isnan()]) and got[want.isnan()].isnan().all()
 
 
 def test_scale_pair_text(gen):
@@ -91,8 +105,8 @@ def test_scale_pair_text(gen):
 @pytest.mark.skipif(wgmma_decode.gluon is None, reason="this Triton has no Gluon")
 def test_default_serves_single_token_plain_products_only(monkeypatch):
     """The kernel choice (no GPU needed): by default single-token plain products of 4-bit affine bf16 weights on
-    Hopper; LOWBIT_QMM_GLUON=1 widens it to every tile the kernel admits (mxfp4 too), 0 turns it off; never off
-    Hopper or for other formats."""
+    Hopper; LOWBIT_QMM_GLUON=1 widens it to every tile the kernel admits (mxfp4 and nvfp4 too), 0 turns it off; never
+    off Hopper or for other formats."""
     def choice(rows=1, routing=0, mode="affine", bits=4, capability=(9, 0)):
         weight = torch.bfloat16 if mode == "affine" else torch.float32  # (qmm.weight_and_dot_dtypes)
         return wgmma_decode.serves(mode, bits, True, torch.bfloat16, weight, torch.bfloat16, True, (16, 64, 4),
@@ -103,8 +117,8 @@ def test_default_serves_single_token_plain_products_only(monkeypatch):
     assert not choice(mode="mxfp4") and not choice(bits=8) and not choice(capability=(8, 0))
     assert not choice(capability=(10, 0)) and not choice(capability=None)
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
-    assert choice(rows=16) and choice(routing=1) and choice(mode="mxfp4")
-    assert not choice(mode="nvfp4") and not choice(mode="mxfp8", bits=8) and not choice(bits=3)
+    assert choice(rows=16) and choice(routing=1) and choice(mode="mxfp4") and choice(mode="nvfp4")
+    assert not choice(mode="mxfp8", bits=8) and not choice(bits=3)
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "0")
     assert not choice()
 
@@ -154,24 +168,28 @@ def test_plain_products_equal_the_triton_kernels_bits(monkeypatch, hopper, gs, n
 
 @pytest.mark.parametrize("n, k_blocks", [(4096, 32), (4096, 9), (100, 13), (7, 3)])
 @pytest.mark.parametrize("scales", ["quantized", "every byte"])
-def test_mxfp4_products_equal_the_triton_kernels_bits(monkeypatch, hopper, n, k_blocks, scales, gen):
-    """mxfp4 weights (LOWBIT_QMM_GLUON=1): the Gluon kernel's e2m1 decode and e8m0 scales give the Triton kernel's
-    bits at M = 1..16, K whole blocks or one group short; with scale bytes drawn from all 256 (subnormal 2**-127,
-    2**127, the NaN byte 255) as well as quantized ones; the float64 oracle within bf16 tolerance for the latter."""
-    for k in (128 * k_blocks, 128 * k_blocks - 32):
+@pytest.mark.parametrize("mode, gs, tensor_scale", [("mxfp4", 32, False), ("nvfp4", 16, False), ("nvfp4", 16, True)])
+def test_fp4_products_equal_the_triton_kernels_bits(monkeypatch, hopper, n, k_blocks, scales, mode, gs, tensor_scale,
+                                                    gen):
+    """mxfp4 and nvfp4 weights (LOWBIT_QMM_GLUON=1): the Gluon kernel's e2m1 decode and block scales (and nvfp4's
+    tensor scale) give the Triton kernel's bits at M = 1..16, K whole blocks or one group short; with scale bytes drawn
+    from all 256 (subnormal, huge and NaN scales) as well as quantized ones; the float64 oracle within bf16
+    tolerance for the latter."""
+    for k in (128 * k_blocks, 128 * k_blocks - gs):
         w = torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
-        q = quantize3(w, 32, 4, "mxfp4")
+        g = w.abs().amax().float().reshape(1) if tensor_scale else None
+        q = quantize3(w, gs, 4, mode, global_scale=g)
         if scales == "every byte":
             q = (q[0], torch.randint(0, 256, q[1].shape, generator=gen).to("cuda", torch.uint8), None)
         x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
-        plan = qmm._plan_for(x[None, :1], q[0], q[1], None, None, None, True, "mxfp4", 32, 4, torch.bfloat16)[0]
+        plan = qmm._plan_for(x[None, :1], q[0], q[1], None, g, None, True, mode, gs, 4, torch.bfloat16)[0]
         assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
         for m in (1, 5, 16):
-            gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, 32, 4,
-                                                                                       "mxfp4"))
+            gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4, mode,
+                                                                                       global_scale=g))
             assert same_bits(gluon, triton), (n, k, m)
             if scales == "quantized":
-                ref = x[:m].double() @ dequantize_f64(q, 32, 4, "mxfp4").to("cuda").T
+                ref = x[:m].double() @ dequantize_f64(q, gs, 4, mode, g).to("cuda").T
                 assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 

@@ -1,4 +1,4 @@
-"""The decode kernel for 4-bit codes (affine, and mxfp4 behind a knob) written in Gluon (Triton's layout-explicit
+"""The decode kernel for 4-bit codes (affine; mxfp4 and nvfp4 behind a knob) written in Gluon (Triton's layout-explicit
 dialect), Hopper only.
 
 Why a second decode kernel: at M <= 16 the Triton kernel (qmm.py) issues about 5.3 instructions per weight, of which
@@ -20,7 +20,7 @@ split partials folded by the tile's last program in split order), so the bits ar
 LOWBIT_QMM_GLUON=0). Serves (see `serves`): 4-bit affine with bfloat16 x / scales / biases, transposed weights,
 decode tiles; by default the single-token plain products, where it is the faster of the two; with
 LOWBIT_QMM_GLUON=1 also up to 16 tokens (32-128 behind LOWBIT_GLUON_MAX_M), per-item routing (MoE decode) and mxfp4
-weights with bfloat16 x. Everything else runs qmm.py's kernel.
+and nvfp4 weights (with or without the tensor scale) with bfloat16 x. Everything else runs qmm.py's kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .decode import E4M3_PAIR_ASM
 
 try:  # Gluon ships with Triton 3.5 on; what it needs here was checked on 3.6
     from triton.experimental import gluon
@@ -43,8 +45,8 @@ def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dty
     PLAIN 0 or PER_ITEM 1; rows: token rows per weight). By default it serves the single-token plain products of 4-bit
     affine weights, where it was measured faster than the Triton kernel (H100, benchmarks/NOTES.md v15: 3-24% at
     group sizes 32, 64 and 128 on the Llama-3-8B shapes, one case level) -- at 4 and 16 rows it was not.
-    LOWBIT_QMM_GLUON=1 serves every tile it admits, mxfp4 included (not yet measured), and 0 none. Either kernel gives
-    the same bits, so the choice never changes a result."""
+    LOWBIT_QMM_GLUON=1 serves every tile it admits, mxfp4 and nvfp4 included (not yet measured), and 0 none.
+    Either kernel gives the same bits, so the choice never changes a result."""
     choice = os.environ.get("LOWBIT_QMM_GLUON")
     if gluon is None or choice == "0":
         return False
@@ -53,8 +55,9 @@ def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dty
         return False
     block_m, block_n, warps = tile
     max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
-    return ((affine4 or mode == "mxfp4") and transpose and packed and block_m in (8, 16, 32, 64, 128)
-            and block_m <= max_m and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1)
+    fp4 = mode in ("mxfp4", "nvfp4") and bits == 4
+    return ((affine4 or fp4) and transpose and packed and block_m in (8, 16, 32, 64, 128) and block_m <= max_m
+            and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1)
             and x_dtype == dot_dtype == torch.bfloat16 and (split_in_grid or splits == 1)
             and device_capability is not None and device_capability[0] == 9 and torch.version.hip is None)
 
@@ -94,12 +97,12 @@ def affine4_byte_asm(j: int) -> str:
     mov.b32 {{$2, $3}}, hi; }}"""
 
 
-def mxfp4_byte_asm(j: int) -> str:
-    """affine4_byte_asm's counterpart for e2m1 codes (mxfp4): slots 2j and 2j + 1 of two neighbouring packs (words
-    $4, $5) -> value * block scale in bf16 ({$0, $1}: slot 2j, {$2, $3}: slot 2j + 1; $6: the e8m0 scale as bf16 in
-    both lanes). After the same prmt, each nibble's magnitude bits move to bf16 bits 6-8 and its sign to bit 15 (a
-    shift and a mask each); read as bf16 that is the value times 2**-126 (0.5 the subnormal 2**-127), times 2**126
-    and the scale: exact products, one rounding, as decode.e2m1_slot."""
+def fp4_byte_asm(j: int) -> str:
+    """affine4_byte_asm's counterpart for e2m1 codes (mxfp4, nvfp4): slots 2j and 2j + 1 of two neighbouring packs
+    (words $4, $5) -> value * block scale in bf16 ({$0, $1}: slot 2j, {$2, $3}: slot 2j + 1; $6: the block scale,
+    e8m0 or e4m3, as bf16 in both lanes). After the same prmt, each nibble's magnitude bits move to bf16 bits 6-8 and
+    its sign to bit 15 (a shift and a mask each); read as bf16 that is the value times 2**-126 (0.5 the subnormal
+    2**-127), times 2**126 and the scale: exact products, one rounding, as decode.e2m1_slot."""
     selector = j | (j << 4) | ((4 + j) << 8) | ((4 + j) << 12)
     return f"""{{ .reg .b32 t, lo, hi, s, c;
     prmt.b32 t, $4, $5, {selector:#x};
@@ -122,6 +125,13 @@ def mxfp4_byte_asm(j: int) -> str:
     mov.b32 {{$2, $3}}, hi; }}"""
 
 
+def e4m3_word_asm() -> str:
+    """An e4m3 byte in both 16-bit lanes of $1 -> its value in bf16 in both lanes of $0 ($2: bf16 1.0 in both lanes):
+    decode.E4M3_PAIR_ASM with its operands renumbered and its two halves left packed (nvfp4's block scales)."""
+    text = E4M3_PAIR_ASM.value.replace("$2", "$1").replace("$3", "$2")
+    return text.replace("mov.b32 {$0, $1}, v;", "mov.b32 $0, v;")
+
+
 # a bf16 scale ($2) -> (scale, scale) and (-128 * scale, -128 * scale) as bf16x2 words (the product is exact)
 SCALE_PAIR_ASM = """{ .reg .b32 t, c;
     mov.b32 t, {$2, $2};
@@ -133,7 +143,8 @@ SCALE_PAIR_ASM = """{ .reg .b32 t, c;
 if gluon is not None:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed after Triton 3.6)
     _byte_asm = gluon.constexpr_function(affine4_byte_asm)
-    _mxfp4_byte_asm = gluon.constexpr_function(mxfp4_byte_asm)
+    _fp4_byte_asm = gluon.constexpr_function(fp4_byte_asm)
+    _E4M3_WORD_ASM = gl.constexpr(e4m3_word_asm())
     _SCALE_PAIR_ASM = gl.constexpr(SCALE_PAIR_ASM)
 
     @gluon.jit
@@ -142,12 +153,12 @@ if gluon is not None:
         return gl.split(gl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
 
     @gluon.jit
-    def _slot_planes(even, odd, scale2, neg2, bias2, J: gl.constexpr, MXFP4: gl.constexpr, a_layout: gl.constexpr):
-        """Code slots 2J and 2J + 1 of the block: two (BLOCK_N, PACKS) bf16 A operands (MXFP4: e2m1 codes times the
-        block scale scale2; else affine codes, with neg2 and bias2)."""
-        if MXFP4:
+    def _slot_planes(even, odd, scale2, neg2, bias2, J: gl.constexpr, MODE: gl.constexpr, a_layout: gl.constexpr):
+        """Code slots 2J and 2J + 1 of the block: two (BLOCK_N, PACKS) bf16 A operands (MODE 0, affine: codes with
+        scale2, neg2 and bias2; mxfp4 and nvfp4: e2m1 codes times the block scale scale2)."""
+        if MODE != 0:
             s0a, s0b, s1a, s1b = gl.inline_asm_elementwise(
-                _mxfp4_byte_asm(J), "=h,=h,=h,=h,r,r,r", [even, odd, scale2],
+                _fp4_byte_asm(J), "=h,=h,=h,=h,r,r,r", [even, odd, scale2],
                 dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
         else:
             s0a, s0b, s1a, s1b = gl.inline_asm_elementwise(
@@ -234,36 +245,47 @@ if gluon is not None:
         return words, scale, bias, xb
 
     @gluon.jit
-    def _run_block(acc, words, scale, bias, xb, kb, x_ptrs, K, m_ok, sx_k, x_smem, PACKS: gl.constexpr,
+    def _run_block(acc, words, scale, bias, xb, kb, x_ptrs, K, m_ok, sx_k, x_smem, MODE: gl.constexpr,
+                   PACKS: gl.constexpr,
                    X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, a_layout: gl.constexpr):
         """_mma_block on a loaded state; x loaded now unless it came with the state."""
         if X_AHEAD:
-            return _mma_block(acc, words, scale, bias, xb, x_smem, PACKS, a_layout)
+            return _mma_block(acc, words, scale, bias, xb, x_smem, MODE, PACKS, a_layout)
         else:
             return _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
-                              x_smem, PACKS, a_layout)
+                              x_smem, MODE, PACKS, a_layout)
 
     @gluon.jit
-    def _mma_block(acc, words, scale, bias, xb, x_smem, PACKS: gl.constexpr, a_layout: gl.constexpr):
+    def _mma_block(acc, words, scale, bias, xb, x_smem, MODE: gl.constexpr, PACKS: gl.constexpr,
+                   a_layout: gl.constexpr):
         """acc += one K block's products: x (registers) staged in shared memory as the B operand, then _dot_block."""
         _barrier()  # every warp is past the previous block's wgmmas, which read x_smem
         x_smem.store(xb)
         fence_async_shared()
         _barrier()
-        return _dot_block(acc, words, scale, bias, x_smem, PACKS, a_layout)
+        return _dot_block(acc, words, scale, bias, x_smem, MODE, PACKS, a_layout)
 
     @gluon.jit
-    def _dot_block(acc, words, scale, bias, x_smem, PACKS: gl.constexpr, a_layout: gl.constexpr):
+    def _dot_block(acc, words, scale, bias, x_smem, MODE: gl.constexpr, PACKS: gl.constexpr,
+                   a_layout: gl.constexpr):
         """acc += one K block's products, in the canonical order: the words decoded slot by slot into register A
         operands, one k16 wgmma per code slot against x's slot in shared memory."""
         words = words.to(gl.uint32, bitcast=True)
         even, odd = _pairs(words)
         pairs: gl.constexpr = even.type.layout
-        MXFP4: gl.constexpr = scale.dtype == gl.uint8
-        if MXFP4:  # e8m0 byte e -> bf16 2**(e - 127) in both lanes: bits e << 7 (byte 0: the subnormal 2**-127)
+        if MODE == 1:  # mxfp4: e8m0 byte e -> bf16 2**(e - 127) in both lanes: bits e << 7 (0: the subnormal 2**-127)
             e = scale.to(gl.int32)
             bits = gl.where(e == 0, 0x40, e << 7)
             scale2 = _per_pair((bits | (bits << 16)).to(gl.uint32, bitcast=True), pairs)
+            neg2 = scale2
+            bias2 = scale2
+        elif MODE == 3:  # nvfp4: the e4m3 block scale, exact in bf16, decoded in both lanes
+            byte = scale.to(gl.int32) & 0xFF
+            one = gl.full(byte.shape, 0x3F803F80, gl.uint32, layout=byte.type.layout)
+            scale2 = gl.inline_asm_elementwise(_E4M3_WORD_ASM, "=r,r,r",
+                                               [(byte | (byte << 16)).to(gl.uint32, bitcast=True), one],
+                                               dtype=gl.uint32, is_pure=True, pack=1)
+            scale2 = _per_pair(scale2, pairs)
             neg2 = scale2
             bias2 = scale2
         else:
@@ -275,7 +297,7 @@ if gluon is not None:
             neg2 = _per_pair(neg2, pairs)
             bias2 = _per_pair(bias2, pairs)
         for j in gl.static_range(4):
-            slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, MXFP4, a_layout)
+            slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, MODE, a_layout)
             acc = warpgroup_mma(slot0, x_smem.slice(2 * j * PACKS, PACKS, dim=1).permute((1, 0)), acc,
                                 is_async=True)
             acc = warpgroup_mma(slot1, x_smem.slice((2 * j + 1) * PACKS, PACKS, dim=1).permute((1, 0)), acc,
@@ -373,27 +395,27 @@ if gluon is not None:
                     kb = lo + 2 * pair
                     w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb + 1, K, groups, packs2d,
                                                      m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                    acc = _run_block(acc, w_a, s_a, b_a, x_a, kb, x_ptrs, K, m_ok, sx_k, x_smem, PACKS, X_AHEAD,
+                    acc = _run_block(acc, w_a, s_a, b_a, x_a, kb, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS, X_AHEAD,
                                      X_SLOT_MAJOR, a_layout)
                     ahead = gl.minimum(kb + 2, whole - 1)  # (past the split's end: its last block again, unused)
                     w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, groups, packs2d,
                                                      m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                    acc = _run_block(acc, w_b, s_b, b_b, x_b, kb + 1, x_ptrs, K, m_ok, sx_k, x_smem, PACKS, X_AHEAD,
-                                     X_SLOT_MAJOR, a_layout)
+                    acc = _run_block(acc, w_b, s_b, b_b, x_b, kb + 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
+                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
                 if (whole - lo) % 2 == 1:  # the split's last block, loaded by the last step (or before the loop)
-                    acc = _run_block(acc, w_a, s_a, b_a, x_a, whole - 1, x_ptrs, K, m_ok, sx_k, x_smem, PACKS,
+                    acc = _run_block(acc, w_a, s_a, b_a, x_a, whole - 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
                                      X_AHEAD, X_SLOT_MAJOR, a_layout)
         else:
             for kb in range(lo, whole):
                 words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, groups, packs2d, sw_c, ss_c,
                                                    sb_c, GS, PACKS, False)
                 acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
-                                 x_smem, PACKS, a_layout)
+                                 x_smem, MODE, PACKS, a_layout)
         if whole < hi:  # the last block of K, partly past it (in the split that holds it; empty splits have none)
             words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, groups, packs2d, sw_c, ss_c, sb_c,
                                                GS, PACKS, True)
             acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
-                             x_smem, PACKS, a_layout)
+                             x_smem, MODE, PACKS, a_layout)
 
         offs_out = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         mask = (offs_out < N)[:, None] & rows_ok[None, :]
@@ -409,6 +431,10 @@ if gluon is not None:
                 for piece in gl.static_range(SPLITS):
                     total = total + gl.load(part + piece * n_rows * N, mask=mask, other=0.0, cache_modifier=".cg")
                 gl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                if HAS_GLOBAL:  # nvfp4's tensor scale, applied to the sum as qmm_kernel does
+                    total = total * (gl.load(g_ptr + weight * sg) / 2688.0)
                 gl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
         else:
+            if HAS_GLOBAL:
+                acc = acc * (gl.load(g_ptr + weight * sg) / 2688.0)
             gl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
