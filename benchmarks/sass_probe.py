@@ -30,14 +30,18 @@ ONES = ("sx_k", "sw_c", "ss_c", "sb_c", "so_n")  # unit strides: Triton speciali
 DIVISIBLE = ("K", "N", "sx_b", "sx_m", "sw_b", "sw_r", "ss_b", "ss_r", "sb_b", "sb_r", "so_i", "so_m")
 
 
-def compile_decode(kernel, gluon: bool, group_size=64, splits=4, routing=0, x_slot_major=True, block_n=64, **extra):
-    """The affine 4-bit bf16 decode call's kernel (BLOCK_M 16), compiled for sm_90."""
-    signature = dict(POINTERS, **{name: "i32" for name in INTS if name not in ONES})
-    constexprs = dict(MODE=0, BITS=4, GS=group_size, TRANSPOSE=True, HAS_GLOBAL=False, PER_PACK=8, WORDS=1,
-                      WORDS_POW2=1, SPLITS=splits, SPLIT_IN_GRID=True, SCALE_DTYPE=tl.bfloat16,
-                      DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128,
-                      ROUTING=routing, PACKED=True, BLOCKS=1, UNROLL_SLOTS=True, X_SLOT_MAJOR=x_slot_major,
-                      INTERPRET=False, **{name: 1 for name in ONES}, **extra)
+def compile_decode(kernel, gluon: bool, group_size=64, splits=4, routing=0, x_slot_major=True, block_n=64,
+                   mode=0, has_global=False, **extra):
+    """A 4-bit bf16 decode call's kernel (BLOCK_M 16), compiled for sm_90: affine (mode 0, bf16 scales and biases),
+    mxfp4 (1) or nvfp4 (3; uint8 scales, `has_global`: the tensor scale)."""
+    pointers = dict(POINTERS) if mode == 0 else dict(POINTERS, s_ptr="*u8", b_ptr="*u8", g_ptr="*fp32")
+    signature = dict(pointers, **{name: "i32" for name in INTS if name not in ONES})
+    constexprs = dict(MODE=mode, BITS=4, GS=group_size, TRANSPOSE=True, HAS_GLOBAL=has_global, PER_PACK=8, WORDS=1,
+                      WORDS_POW2=1, SPLITS=splits, SPLIT_IN_GRID=True,
+                      SCALE_DTYPE=tl.bfloat16 if mode == 0 else tl.float32, DOT_DTYPE=tl.bfloat16, PRECISION="tf32",
+                      BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, ROUTING=routing, PACKED=True, BLOCKS=1,
+                      UNROLL_SLOTS=True, X_SLOT_MAJOR=x_slot_major, INTERPRET=False, **{name: 1 for name in ONES})
+    constexprs.update(extra)
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in (*POINTERS, *DIVISIBLE)}
     if gluon:
@@ -80,16 +84,24 @@ def opcode(line: str) -> str:
 
 def main():
     listing = "--listing" in sys.argv
-    print(f"triton {triton.__version__}, sm_90, affine 4-bit g64 bf16, decode tile (16 tokens), per K block of 128")
-    variants = [("qmm_kernel (Triton)", qmm.qmm_kernel, False, {}),
-                ("qmm_kernel, x reordered in the kernel", qmm.qmm_kernel, False, dict(x_slot_major=False))]
+    print(f"triton {triton.__version__}, sm_90, 4-bit bf16 decode tile (16 tokens), per K block of 128")
+    variants = [("affine4 g64, qmm_kernel (Triton)", qmm.qmm_kernel, False, {}),
+                ("affine4 g64, qmm_kernel, x reordered in the kernel", qmm.qmm_kernel, False, dict(x_slot_major=False)),
+                ("mxfp4, qmm_kernel (x reordered in the kernel)", qmm.qmm_kernel, False,
+                 dict(x_slot_major=False, mode=1, group_size=32)),
+                ("nvfp4, qmm_kernel (x reordered in the kernel)", qmm.qmm_kernel, False,
+                 dict(x_slot_major=False, mode=3, group_size=16))]
     if wgmma_decode.gluon is not None:
-        variants += [("Gluon decode kernel", wgmma_decode.packed4_decode_kernel, True,
-                      dict(PREFETCH=True, x_slot_major=False)),
-                     ("Gluon, x copied slot-major first", wgmma_decode.packed4_decode_kernel, True,
-                      dict(PREFETCH=True)),
-                     ("Gluon, no prefetch", wgmma_decode.packed4_decode_kernel, True,
-                      dict(PREFETCH=False, x_slot_major=False))]
+        gluon_kernel = wgmma_decode.packed4_decode_kernel
+        variants += [("affine4 g64, Gluon decode kernel", gluon_kernel, True, dict(PREFETCH=True, x_slot_major=False)),
+                     ("affine4 g64, Gluon, x copied slot-major first", gluon_kernel, True, dict(PREFETCH=True)),
+                     ("affine4 g64, Gluon, no prefetch", gluon_kernel, True, dict(PREFETCH=False, x_slot_major=False)),
+                     ("affine4 g64, Gluon, 8-token tile", gluon_kernel, True,
+                      dict(PREFETCH=True, x_slot_major=False, BLOCK_M=8)),
+                     ("mxfp4, Gluon", gluon_kernel, True, dict(PREFETCH=True, x_slot_major=False, mode=1,
+                                                                group_size=32)),
+                     ("nvfp4, Gluon", gluon_kernel, True, dict(PREFETCH=True, x_slot_major=False, mode=3,
+                                                                group_size=16))]
     for name, kernel, gluon, options in variants:
         sass, usage = disassemble(compile_decode(kernel, gluon, **options))
         for body in innermost_loops(sass):
