@@ -123,12 +123,41 @@ def test_default_serves_single_token_plain_products_only(monkeypatch):
     assert not choice()
 
 
+@pytest.mark.skipif(wgmma_decode.gluon is None, reason="this Triton has no Gluon")
+def test_plans_on_hopper_pick_the_kernel_tile_and_x_order(monkeypatch):
+    """The qmm plan of a Hopper call (made on CPU: nothing is compiled or launched): the Gluon kernel with x reordered
+    in the kernel for one token of 4-bit affine bf16 (where this Triton is one it was compiled with), the Triton
+    kernel with x copied slot-major for two; the 8-token tile knob changes the plan's tile, and its row tiles, grid
+    and arrival counters with it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("LOWBIT_QMM_GLUON", raising=False)
+    monkeypatch.delenv("LOWBIT_GLUON_BLOCK_M", raising=False)
+
+    def plan(m):
+        forget_plans()
+        return qmm._plan("affine", 64, 4, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, False,
+                         torch.bfloat16, m, 4096, 4096, 1, 1, False, (9, 0))
+
+    one, two = plan(1), plan(2)
+    if wgmma_decode._COMPILED_WITH_THIS_TRITON:
+        assert one.qmm.kernel is wgmma_decode.packed4_decode_kernel and not one.x_slot_major
+    assert two.qmm.kernel is qmm.qmm_kernel and two.x_slot_major
+    monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
+    monkeypatch.setenv("LOWBIT_GLUON_BLOCK_M", "8")
+    narrow, wide = plan(5), plan(16)
+    assert narrow.qmm.kernel is wgmma_decode.packed4_decode_kernel and narrow.block_m == 8
+    assert narrow.qmm.constexprs["BLOCK_M"] == 8 and narrow.row_tiles == 1 and narrow.tiles == 4096 // 64
+    assert wide.block_m == 16 and wide.qmm.constexprs["BLOCK_M"] == 16
+    forget_plans()
+
+
 @pytest.fixture
 def hopper(monkeypatch):
     if not HOPPER:
         pytest.skip("the Gluon decode kernel runs on Hopper GPUs")
     monkeypatch.setenv("LOWBIT_BACKEND", "triton")
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
+    forget_plans()  # (plans made before without the knob must not serve these tests)
     yield
     forget_plans()
 
@@ -172,15 +201,19 @@ def test_plain_products_equal_the_triton_kernels_bits(monkeypatch, hopper, gs, n
 def test_fp4_products_equal_the_triton_kernels_bits(monkeypatch, hopper, n, k_blocks, scales, mode, gs, tensor_scale,
                                                     gen):
     """mxfp4 and nvfp4 weights (LOWBIT_QMM_GLUON=1): the Gluon kernel's e2m1 decode and block scales (and nvfp4's
-    tensor scale) give the Triton kernel's bits at M = 1..16, K whole blocks or one group short; with scale bytes drawn
-    from all 256 (subnormal, huge and NaN scales) as well as quantized ones; the float64 oracle within bf16
-    tolerance for the latter."""
+    tensor scale) give the Triton kernel's bits at M = 1..16, K whole blocks or one group short; with quantized scales,
+    and with scale bytes mostly of moderate size but one in 16 drawn from all 256 (subnormal and huge scales, mxfp4's
+    byte 255 (+inf, as MLX's e8m0), nvfp4's NaN bytes); the float64 oracle within bf16 tolerance for the former."""
     for k in (128 * k_blocks, 128 * k_blocks - gs):
         w = torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
         g = w.abs().amax().float().reshape(1) if tensor_scale else None
         q = quantize3(w, gs, 4, mode, global_scale=g)
-        if scales == "every byte":
-            q = (q[0], torch.randint(0, 256, q[1].shape, generator=gen).to("cuda", torch.uint8), None)
+        if scales == "every byte":  # (moderate: e8m0 2**-12..2**3, e4m3 1/64..15)
+            moderate = torch.randint(115, 131, q[1].shape, generator=gen) if mode == "mxfp4" else \
+                torch.randint(0x08, 0x58, q[1].shape, generator=gen)
+            anything = torch.randint(0, 256, q[1].shape, generator=gen)
+            pick = torch.randint(0, 16, q[1].shape, generator=gen) == 0
+            q = (q[0], torch.where(pick, anything, moderate).to("cuda", torch.uint8), None)
         x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
         plan = qmm._plan_for(x[None, :1], q[0], q[1], None, g, None, True, mode, gs, 4, torch.bfloat16)[0]
         assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
@@ -237,3 +270,4 @@ def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen)
         assert same_bits(gluon, triton), m
         plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", gs, 4, torch.bfloat16)[0]
         assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
+        assert plan.block_m == (8 if knobs.get("LOWBIT_GLUON_BLOCK_M") == "8" and m <= 8 else 16)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 from .decode import E4M3_PAIR_ASM
 
@@ -51,7 +52,7 @@ def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dty
     if gluon is None or choice == "0":
         return False
     affine4 = mode == "affine" and bits == 4 and weight_dtype == torch.bfloat16
-    if choice != "1" and not (affine4 and rows == 1 and routing == 0):
+    if choice != "1" and not (affine4 and rows == 1 and routing == 0 and _COMPILED_WITH_THIS_TRITON):
         return False
     block_m, block_n, warps = tile
     max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
@@ -60,6 +61,17 @@ def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dty
             and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1)
             and x_dtype == dot_dtype == torch.bfloat16 and (split_in_grid or splits == 1)
             and device_capability is not None and device_capability[0] == 9 and torch.version.hip is None)
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# The Triton versions this kernel was compiled with (Gluon's API still moves between releases): 3.6, the GPU machine's,
+# where it was measured, and 3.7-3.9 offline (benchmarks/sass_probe.py). Others take it only when asked for
+# (LOWBIT_QMM_GLUON=1): by default a newer Triton runs the Triton kernel rather than risk a compile error.
+_COMPILED_WITH_THIS_TRITON = (3, 6) <= _triton_version() <= (3, 9)
 
 
 def token_tile(block_m: int, rows: int) -> int:
@@ -180,8 +192,9 @@ if gluon is not None:
     def _group_layout(groups, warps):
         """The (BLOCK_N, GROUPS, pairs per group) layout whose broadcast over its last dim, reshaped to
         (BLOCK_N, pairs), is the pack-pair layout of the words' even columns (rows r and r + 8 in registers,
-        pairs t and t + 4 of lane t % 4). Its slice over the last dim holds a thread's two rows' GROUPS scales
-        (one vector load a row, shared by the four lanes of a row)."""
+        pairs t and t + 4 of lane t % 4). Its slice over the last dim holds the scales of a thread's two rows and the
+        groups of its pairs (all of a row's groups at group sizes 64 and 128: one vector load a row; at 32 and 16 the
+        pair layout gives a thread groups g and g + 2, or t and t + 4: one load each)."""
         per_group = 8 // groups
         pair_bits = [[0, (1 << b) // per_group, (1 << b) % per_group] for b in range(3)]  # pair i = g * per_group + j
         return gl.DistributedLinearLayout(
