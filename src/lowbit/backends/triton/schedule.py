@@ -17,9 +17,10 @@ import triton.language as tl
 from .launch import launcher
 
 CHUNK = 4096  # rows of the sorted list per program
-# The one-program path (small_schedule_kernel) takes up to SMALL_ITEMS items, its compare matrices (items x items,
-# items x weights) up to SMALL_WORK elements: a program of 8 warps holds them in registers.
-SMALL_ITEMS = 256
+# The one-program path (small_schedule_kernel) takes up to SMALL_ITEMS items (16 tokens of top-8 routing), its
+# compare matrices (items x items, items x weights) up to SMALL_WORK elements: a program of 8 warps holds them in
+# registers (Triton 3.6, sm_90: 254-255 registers at 128 x 128 and 128 x 256, no spills; 256 x 128 spills).
+SMALL_ITEMS = 128
 SMALL_WORK = 1 << 15
 
 
