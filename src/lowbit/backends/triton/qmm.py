@@ -23,7 +23,7 @@ from .decode import pack_geometry
 from .launch import MODE_IDS, TL_DTYPES, BoundLaunch, launcher
 from .prefill import prefill_qmm
 from .reduction import block_k, k_splits, slot_major, slot_major_launch
-from .schedule import schedule, schedule_bound
+from .schedule import fits_one_program, schedule, schedule_bound
 from . import wgmma_decode
 from .tiles import (
     affine_eight_planes, block_scales, block_words, nn_weight_tile, pack_pair_operands, pack_pairs, packed_decoding,
@@ -375,6 +375,9 @@ class _Plan:
         x_in_kernel = x_in_kernel and bool(int(os.environ.get("LOWBIT_QMM_X_IN_KERNEL",
                                                               int(mode != "affine" or gluon))))
         self.x_slot_major = transpose and not x_in_kernel
+        # the grouped work list by one program where it fits (LOWBIT_SCHEDULE_ONE_PROGRAM=0: never; a benchmark knob)
+        self.one_program_schedule = (routing == GROUPED and fits_one_program(n_items, n_weights)
+                                     and os.environ.get("LOWBIT_SCHEDULE_ONE_PROGRAM", "1") == "1")
         if routing == GROUPED:
             self.row_tiles = schedule_bound(n_rows, n_weights, block_m)
         elif routing == PER_ITEM:
@@ -541,7 +544,9 @@ def gather_qmm(x, w_q, scales, biases, global_scale, lhs, rhs, transpose, mode, 
         arrivals = _scratch(kept, "arrivals", plan.tiles, torch.int32, x.device)
     if indexed:  # the kernels index them densely; broadcast index arrays arrive as stride-0 views
         lhs, rhs = lhs.contiguous(), rhs.contiguous()
-    grouped = schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles) if plan.routing == GROUPED else None
+    grouped = None
+    if plan.routing == GROUPED:
+        grouped = schedule(rhs, m, n_weights, plan.block_m, plan.row_tiles, plan.one_program_schedule)
     b = biases if biases is not None else scales
     plan.qmm(plan.grid, *_qmm_pointers(x, w_q.view(torch.int32), scales, biases, global_scale, lhs, rhs, grouped, out,
                                        partials, arrivals),

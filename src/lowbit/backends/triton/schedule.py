@@ -99,19 +99,26 @@ def schedule_bound(n_rows: int, n_weights: int, block_m: int) -> int:
     return -(-n_rows // block_m) + min(n_weights, n_rows)
 
 
-def schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int, bound: int):
+def fits_one_program(n_items: int, n_weights: int) -> bool:
+    """Whether small_schedule_kernel can make the work list of n_items items over n_weights weights."""
+    items, weights = triton.next_power_of_2(n_items), triton.next_power_of_2(n_weights)
+    return items <= SMALL_ITEMS and items * max(items, weights) <= SMALL_WORK
+
+
+def schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int, bound: int, one_program: bool):
     """rhs (I,) weight indices, M rows per item -> (rows, tile_weight, tile_start, tile_rows), int32: the output rows
     sorted (stably) by weight, and for each of `bound` row tiles its weight (n_weights: unused), first position in
-    `rows` and row count."""
+    `rows` and row count. one_program: by small_schedule_kernel (where fits_one_program), else by the general path;
+    the same list either way."""
     device = rhs.device
     n_items = rhs.shape[0]
     rows = torch.empty(n_items * m, dtype=torch.int32, device=device)
     tile_w, tile_start, tile_rows = (torch.empty(bound, dtype=torch.int32, device=device) for _ in range(3))
     weights = triton.next_power_of_2(n_weights)
     tile_chunk = max(1, min(32, 4096 // weights))  # row tiles per program, each compared with every weight
-    items = triton.next_power_of_2(n_items)
-    if items <= SMALL_ITEMS and items * max(items, weights) <= SMALL_WORK:  # one launch instead of five or more
-        launch = launcher(small_schedule_kernel, 8, 1, BLOCK_M=block_m, ITEMS=items, WEIGHTS=weights,
+    if one_program:  # one launch instead of five or more
+        launch = launcher(small_schedule_kernel, 8, 1, BLOCK_M=block_m, ITEMS=triton.next_power_of_2(n_items),
+                          WEIGHTS=weights,
                           TILE_CHUNK=tile_chunk)
         launch((1,), rhs, rows, tile_w, tile_start, tile_rows, n_items, m, n_weights, bound)
         return rows, tile_w, tile_start, tile_rows
