@@ -324,30 +324,15 @@ def e2m1_slot_asm(slot: int) -> str:
         mov.b32 {{$0, $1}}, v; }}"""
 
 
-# (Module-level constants: a Triton function takes inline PTX as a compile-time string, and the tests run the same
-# text through their PTX emulator.)
-E2M1_SLOT0_ASM = tl.constexpr(e2m1_slot_asm(0))
-E2M1_SLOT1_ASM = tl.constexpr(e2m1_slot_asm(1))
-E2M1_SLOT2_ASM = tl.constexpr(e2m1_slot_asm(2))
-E2M1_SLOT3_ASM = tl.constexpr(e2m1_slot_asm(3))
+_e2m1_slot_asm = triton.constexpr_function(e2m1_slot_asm)  # (the text, as a compile-time string inside a kernel)
 
 
 @triton.jit
 def e2m1_slot(words, scale2, SLOT: tl.constexpr):
     """e2m1 code slot SLOT (0-3) of both 16-bit lanes of `words` -> value * block scale in bf16 (scale2: two bf16
     lanes): slots SLOT and SLOT + 4 of a word of eight codes."""
-    if SLOT == 0:
-        return tl.inline_asm_elementwise(E2M1_SLOT0_ASM, "=h,=h,r,r", [words, scale2],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-    elif SLOT == 1:
-        return tl.inline_asm_elementwise(E2M1_SLOT1_ASM, "=h,=h,r,r", [words, scale2],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-    elif SLOT == 2:
-        return tl.inline_asm_elementwise(E2M1_SLOT2_ASM, "=h,=h,r,r", [words, scale2],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(E2M1_SLOT3_ASM, "=h,=h,r,r", [words, scale2],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_e2m1_slot_asm(SLOT), "=h,=h,r,r", [words, scale2],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
 
 
 # e4m3 codes in bits 0-7 and 16-23 of $2 -> value * block scale ($3: two bf16 lanes) in bf16. The codes 0x7F / 0xFF

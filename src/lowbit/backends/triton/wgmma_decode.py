@@ -82,7 +82,7 @@ def token_tile(block_m: int, rows: int) -> int:
     return 8 if narrow and rows <= 8 and block_m == 16 else block_m
 
 
-def constexprs(group_size: int, x_slot_major: bool) -> dict:
+def constexprs() -> dict:
     """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knob: LOWBIT_GLUON_PREFETCH (0 / 1: loads one
     block ahead in registers)."""
     return {"PREFETCH": os.environ.get("LOWBIT_GLUON_PREFETCH", "1") == "1"}
