@@ -286,22 +286,7 @@ if gluon is not None:
         words = words.to(gl.uint32, bitcast=True)
         even, odd = _pairs(words)
         pairs: gl.constexpr = even.type.layout
-        if MODE == 1:  # mxfp4: e8m0 byte e -> bf16 2**(e - 127) in both lanes: bits e << 7 (0: the subnormal 2**-127)
-            e = scale.to(gl.int32)
-            bits = gl.where(e == 0, 0x40, e << 7)
-            scale2 = _per_pair((bits | (bits << 16)).to(gl.uint32, bitcast=True), pairs)
-            neg2 = scale2
-            bias2 = scale2
-        elif MODE == 3:  # nvfp4: the e4m3 block scale, exact in bf16, decoded in both lanes
-            byte = scale.to(gl.int32) & 0xFF
-            one = gl.full(byte.shape, 0x3F803F80, gl.uint32, layout=byte.type.layout)
-            scale2 = gl.inline_asm_elementwise(_E4M3_WORD_ASM, "=r,r,r",
-                                               [(byte | (byte << 16)).to(gl.uint32, bitcast=True), one],
-                                               dtype=gl.uint32, is_pure=True, pack=1)
-            scale2 = _per_pair(scale2, pairs)
-            neg2 = scale2
-            bias2 = scale2
-        else:
+        if MODE == 0:  # affine: scale, -128 * scale and bias, each in both lanes
             scale2, neg2 = gl.inline_asm_elementwise(_SCALE_PAIR_ASM, "=r,=r,h", [scale],
                                                      dtype=(gl.uint32, gl.uint32), is_pure=True, pack=1)
             bias2 = gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [bias], dtype=gl.uint32,
@@ -309,6 +294,20 @@ if gluon is not None:
             scale2 = _per_pair(scale2, pairs)
             neg2 = _per_pair(neg2, pairs)
             bias2 = _per_pair(bias2, pairs)
+        else:  # mxfp4 / nvfp4: the block scale in bf16 in both lanes (neg2 and bias2 unused by the e2m1 decoder)
+            if MODE == 1:  # e8m0 byte e -> 2**(e - 127): bits e << 7 (0: the subnormal 2**-127)
+                e = scale.to(gl.int32)
+                bits = gl.where(e == 0, 0x40, e << 7)
+                scale2 = (bits | (bits << 16)).to(gl.uint32, bitcast=True)
+            else:  # e4m3, exact in bf16
+                byte = scale.to(gl.int32) & 0xFF
+                one = gl.full(byte.shape, 0x3F803F80, gl.uint32, layout=byte.type.layout)
+                scale2 = gl.inline_asm_elementwise(_E4M3_WORD_ASM, "=r,r,r",
+                                                   [(byte | (byte << 16)).to(gl.uint32, bitcast=True), one],
+                                                   dtype=gl.uint32, is_pure=True, pack=1)
+            scale2 = _per_pair(scale2, pairs)
+            neg2 = scale2
+            bias2 = scale2
         for j in gl.static_range(4):
             slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, MODE, a_layout)
             acc = warpgroup_mma(slot0, x_smem.slice(2 * j * PACKS, PACKS, dim=1).permute((1, 0)), acc,
