@@ -174,6 +174,20 @@ def _both_kernels(monkeypatch, call):
     return outputs
 
 
+def _assert_same_bits_as_triton(monkeypatch, x, q, gs, mode, g, ms, oracle):
+    """The plan of a 1-row call picks the Gluon kernel; quantized_matmul of x's first m rows (each of ms) through it
+    equals the Triton kernel bit for bit, and (oracle) the float64 product within bf16 tolerance."""
+    plan = qmm._plan_for(x[None, :1], q[0], q[1], q[2], g, None, True, mode, gs, 4, torch.bfloat16)[0]
+    assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
+    for m in ms:
+        gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4, mode,
+                                                                                   global_scale=g))
+        assert same_bits(gluon, triton), (x.shape[-1], m)
+        if oracle:
+            ref = x[:m].double() @ dequantize_f64(q, gs, 4, mode, g).to("cuda").T
+            assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("n, k_blocks", [(4096, 32), (4096, 9), (4096, 17), (100, 13), (7, 3), (256, 1)])
 def test_plain_products_equal_the_triton_kernels_bits(monkeypatch, hopper, gs, n, k_blocks, gen):
@@ -185,14 +199,7 @@ def test_plain_products_equal_the_triton_kernels_bits(monkeypatch, hopper, gs, n
         w = torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
         q = quantize3(w, gs, 4, "affine")
         x = torch.randn(16, 2 * k, generator=gen).to("cuda", torch.bfloat16)[:, ::2]
-        plan = qmm._plan_for(x[None, :1], q[0], q[1], q[2], None, None, True, "affine", gs, 4, torch.bfloat16)[0]
-        assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
-        for m in (1, 3, 16):
-            gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4,
-                                                                                       "affine"))
-            assert same_bits(gluon, triton), (n, k, m)
-            ref = x[:m].double() @ dequantize_f64(q, gs, 4, "affine").to("cuda").T
-            assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+        _assert_same_bits_as_triton(monkeypatch, x, q, gs, "affine", None, (1, 3, 16), oracle=True)
 
 
 @pytest.mark.parametrize("n, k_blocks", [(4096, 32), (4096, 9), (100, 13), (7, 3)])
@@ -215,15 +222,7 @@ def test_fp4_products_equal_the_triton_kernels_bits(monkeypatch, hopper, n, k_bl
             pick = torch.randint(0, 16, q[1].shape, generator=gen) == 0
             q = (q[0], torch.where(pick, anything, moderate).to("cuda", torch.uint8), None)
         x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
-        plan = qmm._plan_for(x[None, :1], q[0], q[1], None, g, None, True, mode, gs, 4, torch.bfloat16)[0]
-        assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
-        for m in (1, 5, 16):
-            gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4, mode,
-                                                                                       global_scale=g))
-            assert same_bits(gluon, triton), (n, k, m)
-            if scales == "quantized":
-                ref = x[:m].double() @ dequantize_f64(q, gs, 4, mode, g).to("cuda").T
-                assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+        _assert_same_bits_as_triton(monkeypatch, x, q, gs, mode, g, (1, 5, 16), oracle=scales == "quantized")
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 7])
