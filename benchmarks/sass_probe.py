@@ -23,7 +23,7 @@ from triton.compiler.compiler import ASTSource
 from lowbit.backends.triton import qmm, wgmma_decode
 
 POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", g_ptr="*bf16", lhs_ptr="*i64",
-                rhs_ptr="*i64", rows_ptr="*bf16", tile_w_ptr="*bf16", tile_start_ptr="*bf16", tile_rows_ptr="*bf16",
+                rhs_ptr="*i64", rows_ptr="*i32", tile_w_ptr="*i32", tile_start_ptr="*i32", tile_rows_ptr="*i32",
                 out_ptr="*bf16", part_ptr="*fp32", arrivals_ptr="*i32")
 INTS = "M N K n_rows n_weights sg sx_b sx_m sx_k sw_b sw_r sw_c ss_b ss_r ss_c sb_b sb_r sb_c so_i so_m so_n".split()
 ONES = ("sx_k", "sw_c", "ss_c", "sb_c", "so_n")  # unit strides: Triton specializes them as constants
@@ -42,6 +42,9 @@ def compile_decode(kernel, gluon: bool, group_size=64, splits=4, routing=0, x_sl
                       BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, ROUTING=routing, PACKED=True, BLOCKS=1,
                       UNROLL_SLOTS=True, X_SLOT_MAJOR=x_slot_major, INTERPRET=False, **{name: 1 for name in ONES})
     constexprs.update(extra)
+    if gluon:
+        constexprs.setdefault("PREFETCH", True)
+        constexprs.setdefault("X_AHEAD_M", 16)
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in (*POINTERS, *DIVISIBLE)}
     if gluon:
@@ -102,6 +105,12 @@ def main():
                                                                 group_size=32)),
                      ("nvfp4, Gluon", gluon_kernel, True, dict(PREFETCH=True, x_slot_major=False, mode=3,
                                                                 group_size=16))]
+        grouped = dict(routing=2, block_n=128, BLOCK_M=128, SPLIT_IN_GRID=False, splits=8)  # MoE prefill's tile
+        variants += [("affine4 g64, MoE prefill tile (128 x 128, grouped), qmm_kernel", qmm.qmm_kernel, False,
+                      grouped),
+                     ("affine4 g64, MoE prefill tile, Gluon", gluon_kernel, True, dict(grouped, PREFETCH=True)),
+                     ("affine4 g64, MoE prefill tile, Gluon, x loaded ahead", gluon_kernel, True,
+                      dict(grouped, PREFETCH=True, X_AHEAD_M=128))]
     for name, kernel, gluon, options in variants:
         sass, usage = disassemble(compile_decode(kernel, gluon, **options))
         for body in innermost_loops(sass):

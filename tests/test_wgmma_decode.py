@@ -110,14 +110,14 @@ def test_default_serves_single_token_plain_products_only(monkeypatch):
     def choice(rows=1, routing=0, mode="affine", bits=4, capability=(9, 0)):
         weight = torch.bfloat16 if mode == "affine" else torch.float32  # (qmm.weight_and_dot_dtypes)
         return wgmma_decode.serves(mode, bits, True, torch.bfloat16, weight, torch.bfloat16, True, (16, 64, 4),
-                                   routing, rows, True, 4, capability)
+                                   routing, rows, capability)
 
     monkeypatch.delenv("LOWBIT_QMM_GLUON", raising=False)
     assert choice() and not choice(rows=2) and not choice(rows=16) and not choice(routing=1)
     assert not choice(mode="mxfp4") and not choice(bits=8) and not choice(capability=(8, 0))
     assert not choice(capability=(10, 0)) and not choice(capability=None)
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
-    assert choice(rows=16) and choice(routing=1) and choice(mode="mxfp4") and choice(mode="nvfp4")
+    assert choice(rows=16) and choice(routing=1) and choice(routing=2) and choice(mode="mxfp4") and choice(mode="nvfp4")
     assert not choice(mode="mxfp8", bits=8) and not choice(bits=3)
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "0")
     assert not choice()
@@ -237,6 +237,37 @@ def test_routed_decode_equals_the_triton_kernels_bits(monkeypatch, hopper, token
         x, *q, rhs_indices=idx, transpose=True, group_size=64, bits=4, mode="affine"))
     assert same_bits(gluon, triton)
     ref = torch.einsum("tk,tenk->ten", x[:, 0, 0].double(), dequantize_f64(q, 64, 4, "affine").to("cuda")[idx])
+    assert ((gluon[:, :, 0].double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize("tokens, knobs", [
+    (64, {}),  # 256 routed rows over 16 experts: 16-row tiles, splits in the grid
+    (512, {"LOWBIT_GLUON_MAX_M": "128"}),  # 128-row tiles, every split in one program's loop
+    (512, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_AHEAD_M": "128"}),  # and x loaded a block ahead
+])
+@pytest.mark.parametrize("mode, gs", [("affine", 64), ("mxfp4", 32)])
+def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tokens, knobs, mode, gs, gen):
+    """gather_qmm with many routed rows (grouped routing: rows sorted by expert, MoE prefill), the Gluon kernel's
+    row tiles from the schedule -- tiles of several experts' rows, tiles past the schedule with no rows -- give the
+    Triton kernel's bits; K of 15 blocks and one group (the masked last block) over several splits."""
+    for knob, value in knobs.items():
+        monkeypatch.setenv(knob, value)
+    experts, top_k, n, k = 16, 4, 200, 128 * 15 + gs
+    w = torch.randn(experts, n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
+    q = quantize3(w, gs, 4, mode)
+    x = torch.randn(tokens, 1, 1, k, generator=gen).to("cuda", torch.bfloat16)
+    idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to("cuda")
+
+    def call():
+        return lowbit.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=gs, bits=4, mode=mode)
+
+    gluon, triton = _both_kernels(monkeypatch, call)
+    plan = qmm._plan_for(x.reshape(tokens, 1, k), q[0], q[1], q[2], None, idx.reshape(-1), True, mode, gs, 4,
+                         torch.bfloat16)[0]
+    assert plan.routing == qmm.GROUPED and plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
+    assert plan.split_in_grid == (tokens == 64)
+    assert same_bits(gluon, triton)
+    ref = torch.einsum("tk,tenk->ten", x[:, 0, 0].double(), dequantize_f64(q, gs, 4, mode).to("cuda")[idx])
     assert ((gluon[:, :, 0].double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 

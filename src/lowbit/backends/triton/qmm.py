@@ -368,7 +368,7 @@ class _Plan:
         # share one reordered copy. LOWBIT_QMM_X_IN_KERNEL (0 / 1) overrides for those decode tiles (a knob).
         # The Gluon decode kernel (wgmma_decode.py) serves 4-bit affine single-token products on Hopper, same bits.
         gluon = wgmma_decode.serves(mode, bits, transpose, x_dtype, weight_dtype, dot, packed,
-                                    (block_m, block_n, warps), routing, m, split_in_grid, splits, capability)
+                                    (block_m, block_n, warps), routing, m, capability)
         if gluon:
             block_m = self.block_m = wgmma_decode.token_tile(block_m, m)
         x_in_kernel = packed and block_m <= 16 and not self.prefill

@@ -16,11 +16,12 @@ bound by instruction issue (benchmarks/NOTES.md, v12). Here the layouts are stat
 
 The arithmetic is the Triton kernel's: the same decoded values (the same exact steps, one rounding where it has
 one), the same k16 wgmmas over the same canonical K order (reduction.py: block by block, slot-major inside a block,
-split partials folded by the tile's last program in split order), so the bits are the same (tested against
-LOWBIT_QMM_GLUON=0). Serves (see `serves`): 4-bit affine with bfloat16 x / scales / biases, transposed weights,
-decode tiles; by default the single-token plain products, where it is the faster of the two; with
-LOWBIT_QMM_GLUON=1 also up to 16 tokens (32-128 behind LOWBIT_GLUON_MAX_M), per-item routing (MoE decode) and mxfp4
-and nvfp4 weights (with or without the tensor scale) with bfloat16 x. Everything else runs qmm.py's kernel.
+split partials folded in split order, by the tile's last program or in one program's loop), so the bits are the
+same (tested against LOWBIT_QMM_GLUON=0). Serves (see `serves`): 4-bit affine with bfloat16 x / scales / biases,
+transposed weights, decode tiles; by default the single-token plain products, where it is the faster of the two;
+with LOWBIT_QMM_GLUON=1 also up to 16 tokens (32-128 behind LOWBIT_GLUON_MAX_M), per-item and grouped routing (MoE
+decode and prefill) and mxfp4 and nvfp4 weights (with or without the tensor scale) with bfloat16 x. Everything else
+runs qmm.py's kernel.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ except ImportError:  # pragma: no cover - an older Triton: the Triton kernel ser
 
 
 def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dtype, packed: bool, tile: tuple,
-           routing: int, rows: int, split_in_grid: bool, splits: int, device_capability) -> bool:
+           routing: int, rows: int, device_capability) -> bool:
     """Whether this kernel serves a call the qmm plan describes (tile: BLOCK_M, BLOCK_N, num_warps; routing: qmm's
-    PLAIN 0 or PER_ITEM 1; rows: token rows per weight). By default it serves the single-token plain products of 4-bit
-    affine weights, where it was measured faster than the Triton kernel (H100, benchmarks/NOTES.md v15: 3-24% at
-    group sizes 32, 64 and 128 on the Llama-3-8B shapes, one case level) -- at 4 and 16 rows it was not.
+    PLAIN 0, PER_ITEM 1 or GROUPED 2; rows: token rows per weight). By default it serves the single-token plain
+    products of 4-bit affine weights, where it was measured faster than the Triton kernel (H100, benchmarks/NOTES.md
+    v15: 3-24% at group sizes 32, 64 and 128 on the Llama-3-8B shapes, one case level) -- at 4 and 16 rows it was
+    not.
     LOWBIT_QMM_GLUON=1 serves every tile it admits, mxfp4 and nvfp4 included (not yet measured), and 0 none.
     Either kernel gives the same bits, so the choice never changes a result."""
     choice = os.environ.get("LOWBIT_QMM_GLUON")
@@ -58,8 +60,8 @@ def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dty
     max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
     fp4 = mode in ("mxfp4", "nvfp4") and bits == 4
     return ((affine4 or fp4) and transpose and packed and block_m in (8, 16, 32, 64, 128) and block_m <= max_m
-            and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1)
-            and x_dtype == dot_dtype == torch.bfloat16 and (split_in_grid or splits == 1)
+            and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1, 2)
+            and x_dtype == dot_dtype == torch.bfloat16
             and device_capability is not None and device_capability[0] == 9 and torch.version.hip is None)
 
 
@@ -83,9 +85,10 @@ def token_tile(block_m: int, rows: int) -> int:
 
 
 def constexprs() -> dict:
-    """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knob: LOWBIT_GLUON_PREFETCH (0 / 1: loads one
-    block ahead in registers)."""
-    return {"PREFETCH": os.environ.get("LOWBIT_GLUON_PREFETCH", "1") == "1"}
+    """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knobs: LOWBIT_GLUON_PREFETCH (0 / 1: loads one
+    block ahead in registers) and LOWBIT_GLUON_X_AHEAD_M (the widest token tile whose x is loaded ahead too; 16)."""
+    return {"PREFETCH": os.environ.get("LOWBIT_GLUON_PREFETCH", "1") == "1",
+            "X_AHEAD_M": int(os.environ.get("LOWBIT_GLUON_X_AHEAD_M", "16"))}
 
 
 def affine4_byte_asm(j: int) -> str:
@@ -317,88 +320,41 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     @gluon.jit
-    def packed4_decode_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr,
-        out_ptr, part_ptr, arrivals_ptr,
-        M, N, K, n_rows, n_weights, sg,
-        sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
-        MODE: gl.constexpr, BITS: gl.constexpr, GS: gl.constexpr, TRANSPOSE: gl.constexpr,
-        HAS_GLOBAL: gl.constexpr, PER_PACK: gl.constexpr, WORDS: gl.constexpr, WORDS_POW2: gl.constexpr,
-        SPLITS: gl.constexpr, SPLIT_IN_GRID: gl.constexpr, SCALE_DTYPE: gl.constexpr, DOT_DTYPE: gl.constexpr,
-        PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-        ROUTING: gl.constexpr, PACKED: gl.constexpr, BLOCKS: gl.constexpr, UNROLL_SLOTS: gl.constexpr,
-        X_SLOT_MAJOR: gl.constexpr, INTERPRET: gl.constexpr, PREFETCH: gl.constexpr,
-    ):
-        """qmm.qmm_kernel's contract (the same arguments, the same program grid and split fold) for the calls
-        `serves` admits; the weight tile is the wgmma's register A operand, x the shared-memory B operand.
-        PREFETCH: each block's weight loads (and x's, for 16-token tiles) are issued one block ahead, before the
-        previous block's decode."""
-        WARPS: gl.constexpr = BLOCK_N // 16  # (each warp's m16 rows of the wgmma's M side)
-        gl.static_assert(BLOCK_K == 128 and BLOCK_M <= 128 and gl.num_warps() == WARPS)
-        PACKS: gl.constexpr = BLOCK_K // 8
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
-        x_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-
-        pid = gl.program_id(0)
-        if ROUTING == 1:
-            row_tiles = n_rows // M
-        else:
-            row_tiles = gl.cdiv(n_rows, BLOCK_M)
-        tiles = row_tiles * gl.cdiv(N, BLOCK_N)
-        tile = pid % tiles
-        split = pid // tiles
-        row_tile = tile % row_tiles  # consecutive programs share a weight tile (L2 reuse)
-        pid_n = tile // row_tiles
-
-        # token rows of this tile: x rows (x_layout) and output rows (the accumulator's layout)
-        local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
-        local_out = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        if ROUTING == 1:  # row tile i is routed item i: its M rows, weight rhs[i], x batch lhs[i]
+    def _tile_rows(row_tile, local, M, n_rows, n_weights, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr,
+                   tile_rows_ptr, sx_b, sx_m, so_i, so_m, ROUTING: gl.constexpr, BLOCK_M: gl.constexpr):
+        """A row tile's rows as qmm_kernel finds them (see its ROUTING), for the local row numbers `local` (in the
+        layout they are wanted in): (output row numbers, which exist, x row offsets, output row offsets, weight)."""
+        if ROUTING == 2:  # the schedule's tile: its weight, its first sorted row and its row count
+            ok = local < gl.load(tile_rows_ptr + row_tile)  # (no rows in tiles past the schedule)
+            rows = gl.load(rows_ptr + gl.load(tile_start_ptr + row_tile) + local, mask=ok, other=0).to(gl.int64)
+            item = rows // M
+            x_rows = gl.load(lhs_ptr + item, mask=ok, other=0).to(gl.int64) * sx_b + (rows % M) * sx_m
+            weight = gl.minimum(gl.load(tile_w_ptr + row_tile).to(gl.int64), n_weights - 1)
+        elif ROUTING == 1:  # row tile i is routed item i: its M rows, weight rhs[i], x batch lhs[i]
             item = row_tile.to(gl.int64)
-            m_ok = local < M
+            ok = local < M
+            rows = item * M + local
             x_rows = gl.load(lhs_ptr + item).to(gl.int64) * sx_b + local.to(gl.int64) * sx_m
             weight = gl.load(rhs_ptr + item).to(gl.int64)
-            rows_out = item * M + local_out
-            out_rows = item * so_i + local_out.to(gl.int64) * so_m
-            rows_ok = local_out < M
-        else:
-            rows_x = row_tile * BLOCK_M + local
-            m_ok = rows_x < n_rows
-            x_rows = rows_x.to(gl.int64) * sx_m
+        else:  # one plain product
+            rows = (row_tile * BLOCK_M + local).to(gl.int64)
+            ok = rows < n_rows
+            item = rows * 0
+            x_rows = rows * sx_m
             weight = 0
-            rows_out = (row_tile * BLOCK_M + local_out).to(gl.int64)
-            out_rows = rows_out * so_m
-            rows_ok = rows_out < n_rows
-        offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
-        if X_SLOT_MAJOR:
-            x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :]
-        else:
-            x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * sx_k
-        x_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, BLOCK_K], x_smem_layout)
+        return rows, ok, x_rows, item * so_i + (rows % M) * so_m, weight
 
-        # weight rows of this tile in the A operand's layout
-        offs_p = gl.arange(0, PACKS, layout=gl.SliceLayout(0, a_layout))
-        w_rows = _weight_rows(pid_n, N, BLOCK_N, a_layout)
-        w_ptrs = w_ptr + weight * sw_b + w_rows[:, None] * sw_r + offs_p[None, :] * sw_c
-        packs2d = offs_p[None, :] + 0 * w_rows[:, None].to(gl.int32)
-        # scales and biases: a thread loads its two rows' groups of a block (the layout _per_pair broadcasts)
-        GROUPS: gl.constexpr = BLOCK_K // GS
-        g_layout: gl.constexpr = gl.SliceLayout(2, _group_layout(GROUPS, WARPS))
-        rows_g = _weight_rows(pid_n, N, BLOCK_N, g_layout)
-        groups = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, g_layout))[None, :] + 0 * rows_g[:, None].to(gl.int32)
-        s_ptrs = s_ptr + weight * ss_b + rows_g[:, None] * ss_r + groups * ss_c
-        b_ptrs = b_ptr + weight * sb_b + rows_g[:, None] * sb_r + groups * sb_c
-
-        k_blocks = gl.cdiv(K, BLOCK_K)
-        per_split = gl.cdiv(k_blocks, SPLITS)
-        lo = split * per_split
-        hi = gl.minimum(lo + per_split, k_blocks)
+    @gluon.jit
+    def _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, x_smem,
+                 MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, PREFETCH: gl.constexpr,
+                 mma: gl.constexpr, a_layout: gl.constexpr):
+        """The products of K blocks lo .. hi - 1 (one split) from zero, in order: the blocks wholly inside K two a
+        step, each one's loads issued before the other's decode (PREFETCH), then the last block of K if it is
+        partly past K and in the range."""
+        BLOCK_K: gl.constexpr = PACKS * 8
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
-        X_AHEAD: gl.constexpr = PREFETCH and BLOCK_M <= 16  # (wider x blocks would hold too many registers)
         if PREFETCH:  # two blocks a step, each one's loads issued before the other's decode (no register copies)
             if lo < whole:
                 w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, groups, packs2d, m_ok, sw_c,
@@ -428,11 +384,97 @@ if gluon is not None:
                                                GS, PACKS, True)
             acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
                              x_smem, MODE, PACKS, a_layout)
+        return acc
+
+    @gluon.jit
+    def packed4_decode_kernel(
+        x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr,
+        out_ptr, part_ptr, arrivals_ptr,
+        M, N, K, n_rows, n_weights, sg,
+        sx_b, sx_m, sx_k, sw_b, sw_r, sw_c, ss_b, ss_r, ss_c, sb_b, sb_r, sb_c, so_i, so_m, so_n,
+        MODE: gl.constexpr, BITS: gl.constexpr, GS: gl.constexpr, TRANSPOSE: gl.constexpr,
+        HAS_GLOBAL: gl.constexpr, PER_PACK: gl.constexpr, WORDS: gl.constexpr, WORDS_POW2: gl.constexpr,
+        SPLITS: gl.constexpr, SPLIT_IN_GRID: gl.constexpr, SCALE_DTYPE: gl.constexpr, DOT_DTYPE: gl.constexpr,
+        PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        ROUTING: gl.constexpr, PACKED: gl.constexpr, BLOCKS: gl.constexpr, UNROLL_SLOTS: gl.constexpr,
+        X_SLOT_MAJOR: gl.constexpr, INTERPRET: gl.constexpr, PREFETCH: gl.constexpr, X_AHEAD_M: gl.constexpr,
+    ):
+        """qmm.qmm_kernel's contract (the same arguments, the same program grid and split fold) for the calls
+        `serves` admits; the weight tile is the wgmma's register A operand, x the shared-memory B operand.
+        PREFETCH: each block's weight loads (and x's, for 16-token tiles) are issued one block ahead, before the
+        previous block's decode."""
+        WARPS: gl.constexpr = BLOCK_N // 16  # (each warp's m16 rows of the wgmma's M side)
+        gl.static_assert(BLOCK_K == 128 and BLOCK_M <= 128 and gl.num_warps() == WARPS)
+        PACKS: gl.constexpr = BLOCK_K // 8
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
+        x_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        pid = gl.program_id(0)
+        if ROUTING == 2:
+            row_tiles = gl.cdiv(n_rows, BLOCK_M) + gl.minimum(n_weights, n_rows)  # the launcher's bound
+        elif ROUTING == 1:
+            row_tiles = n_rows // M
+        else:
+            row_tiles = gl.cdiv(n_rows, BLOCK_M)
+        tiles = row_tiles * gl.cdiv(N, BLOCK_N)
+        tile = pid % tiles
+        split = pid // tiles
+        row_tile = tile % row_tiles  # consecutive programs share a weight tile (L2 reuse)
+        pid_n = tile // row_tiles
+
+        # token rows of this tile: x rows (x_layout) and output rows (the accumulator's layout)
+        local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
+        local_out = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        _rows, m_ok, x_rows, _out, weight = _tile_rows(
+            row_tile, local, M, n_rows, n_weights, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr,
+            tile_rows_ptr, sx_b, sx_m, so_i, so_m, ROUTING, BLOCK_M)
+        rows_out, rows_ok, _x, out_rows, _weight = _tile_rows(
+            row_tile, local_out, M, n_rows, n_weights, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr,
+            tile_rows_ptr, sx_b, sx_m, so_i, so_m, ROUTING, BLOCK_M)
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+        if X_SLOT_MAJOR:
+            x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :]
+        else:
+            x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * sx_k
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, BLOCK_K], x_smem_layout)
+
+        # weight rows of this tile in the A operand's layout
+        offs_p = gl.arange(0, PACKS, layout=gl.SliceLayout(0, a_layout))
+        w_rows = _weight_rows(pid_n, N, BLOCK_N, a_layout)
+        w_ptrs = w_ptr + weight * sw_b + w_rows[:, None] * sw_r + offs_p[None, :] * sw_c
+        packs2d = offs_p[None, :] + 0 * w_rows[:, None].to(gl.int32)
+        # scales and biases: a thread loads its two rows' groups of a block (the layout _per_pair broadcasts)
+        GROUPS: gl.constexpr = BLOCK_K // GS
+        g_layout: gl.constexpr = gl.SliceLayout(2, _group_layout(GROUPS, WARPS))
+        rows_g = _weight_rows(pid_n, N, BLOCK_N, g_layout)
+        groups = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, g_layout))[None, :] + 0 * rows_g[:, None].to(gl.int32)
+        s_ptrs = s_ptr + weight * ss_b + rows_g[:, None] * ss_r + groups * ss_c
+        b_ptrs = b_ptr + weight * sb_b + rows_g[:, None] * sb_r + groups * sb_c
+
+        k_blocks = gl.cdiv(K, BLOCK_K)
+        per_split = gl.cdiv(k_blocks, SPLITS)
+        k_end = gl.where(gl.max(rows_ok.to(gl.int32), 0) > 0, k_blocks, 0)  # a tile with no rows does no work
+        X_AHEAD: gl.constexpr = PREFETCH and BLOCK_M <= X_AHEAD_M  # (wider x blocks hold many registers)
+        if SPLIT_IN_GRID or SPLITS == 1:  # this program's split
+            lo = split * per_split
+            acc = _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, gl.minimum(lo + per_split, k_end), K, groups, packs2d,
+                           m_ok, sw_c, ss_c, sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD,
+                           X_SLOT_MAJOR, PREFETCH, mma, a_layout)
+        else:  # every split in turn, each from zero, added in split order (as qmm_kernel's one-program loop)
+            acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
+            for s in range(0, SPLITS):
+                lo = s * per_split
+                acc = acc + _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, gl.minimum(lo + per_split, k_end), K,
+                                     groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M,
+                                     BLOCK_N, X_AHEAD, X_SLOT_MAJOR, PREFETCH, mma, a_layout)
 
         offs_out = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         mask = (offs_out < N)[:, None] & rows_ok[None, :]
         out = out_ptr + out_rows[None, :] + offs_out.to(gl.int64)[:, None] * so_n
-        if SPLITS > 1:
+        if SPLIT_IN_GRID and SPLITS > 1:
             # each split stores its partial; the tile's last program to arrive adds them, in split order
             part = part_ptr + (rows_out[None, :] * N + offs_out[:, None])
             gl.store(part + split * n_rows * N, acc, mask=mask)
