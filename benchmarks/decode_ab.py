@@ -70,8 +70,9 @@ def run(tag: str, sweep: bool) -> None:
 def compare(a: str, b: str) -> None:
     out = os.environ.get("OUT", "/tmp")
     ya, yb = torch.load(f"{out}/{a}.pt"), torch.load(f"{out}/{b}.pt")
-    differ = [key for key in ya if not torch.equal(ya[key], yb[key])]
-    print(f"{a} vs {b}: {len(ya) - len(differ)} of {len(ya)} outputs bit-identical; differ: {differ[:6]}")
+    both = [key for key in ya if key in yb]  # (runs may cover different formats)
+    differ = [key for key in both if not torch.equal(ya[key], yb[key])]
+    print(f"{a} vs {b}: {len(both) - len(differ)} of {len(both)} outputs bit-identical; differ: {differ[:6]}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def compile_decode(kernel, gluon: bool, group_size=64, splits=4, routing=0, x_sl
                       UNROLL_SLOTS=True, X_SLOT_MAJOR=x_slot_major, INTERPRET=False, **{name: 1 for name in ONES})
     constexprs.update(extra)
     if gluon:
-        constexprs.setdefault("PREFETCH", True)
+        constexprs.setdefault("PREFETCH", 1)
         constexprs.setdefault("X_AHEAD_M", 16)
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in (*POINTERS, *DIVISIBLE)}
@@ -96,21 +96,23 @@ def main():
                  dict(x_slot_major=False, mode=3, group_size=16))]
     if wgmma_decode.gluon is not None:
         gluon_kernel = wgmma_decode.packed4_decode_kernel
-        variants += [("affine4 g64, Gluon decode kernel", gluon_kernel, True, dict(PREFETCH=True, x_slot_major=False)),
-                     ("affine4 g64, Gluon, x copied slot-major first", gluon_kernel, True, dict(PREFETCH=True)),
-                     ("affine4 g64, Gluon, no prefetch", gluon_kernel, True, dict(PREFETCH=False, x_slot_major=False)),
+        variants += [("affine4 g64, Gluon decode kernel", gluon_kernel, True, dict(PREFETCH=1, x_slot_major=False)),
+                     ("affine4 g64, Gluon, x copied slot-major first", gluon_kernel, True, dict(PREFETCH=1)),
+                     ("affine4 g64, Gluon, loads two blocks ahead", gluon_kernel, True,
+                      dict(PREFETCH=2, x_slot_major=False)),
+                     ("affine4 g64, Gluon, no prefetch", gluon_kernel, True, dict(PREFETCH=0, x_slot_major=False)),
                      ("affine4 g64, Gluon, 8-token tile", gluon_kernel, True,
-                      dict(PREFETCH=True, x_slot_major=False, BLOCK_M=8)),
-                     ("mxfp4, Gluon", gluon_kernel, True, dict(PREFETCH=True, x_slot_major=False, mode=1,
+                      dict(PREFETCH=1, x_slot_major=False, BLOCK_M=8)),
+                     ("mxfp4, Gluon", gluon_kernel, True, dict(PREFETCH=1, x_slot_major=False, mode=1,
                                                                 group_size=32)),
-                     ("nvfp4, Gluon", gluon_kernel, True, dict(PREFETCH=True, x_slot_major=False, mode=3,
+                     ("nvfp4, Gluon", gluon_kernel, True, dict(PREFETCH=1, x_slot_major=False, mode=3,
                                                                 group_size=16))]
         grouped = dict(routing=2, block_n=128, BLOCK_M=128, SPLIT_IN_GRID=False, splits=8)  # MoE prefill's tile
         variants += [("affine4 g64, MoE prefill tile (128 x 128, grouped), qmm_kernel", qmm.qmm_kernel, False,
                       grouped),
-                     ("affine4 g64, MoE prefill tile, Gluon", gluon_kernel, True, dict(grouped, PREFETCH=True)),
+                     ("affine4 g64, MoE prefill tile, Gluon", gluon_kernel, True, dict(grouped, PREFETCH=1)),
                      ("affine4 g64, MoE prefill tile, Gluon, x loaded ahead", gluon_kernel, True,
-                      dict(grouped, PREFETCH=True, X_AHEAD_M=128))]
+                      dict(grouped, PREFETCH=1, X_AHEAD_M=128))]
     for name, kernel, gluon, options in variants:
         sass, usage = disassemble(compile_decode(kernel, gluon, **options))
         for body in innermost_loops(sass):

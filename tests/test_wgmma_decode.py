@@ -283,21 +283,25 @@ def test_rows_bit_identical_across_batch_sizes_and_paths(hopper, gen):
 
 
 @pytest.mark.parametrize("knobs", [{"LOWBIT_QMM_X_IN_KERNEL": "0"}, {"LOWBIT_GLUON_PREFETCH": "0"},
+                                   {"LOWBIT_GLUON_PREFETCH": "2"},
                                    {"LOWBIT_QMM_TILE": "16,128,8,3"}, {"LOWBIT_GLUON_BLOCK_M": "8"}])
 @pytest.mark.parametrize("gs", [32, 64])
 def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen):
     """The Gluon kernel's variants -- x copied slot-major before the launch instead of reordered in the kernel, no
-    prefetch, 128-row tiles of 8 warps, 8-token tiles (wgmmas of N = 8) -- give the Triton kernel's bits too (K one
+    prefetch, loads two blocks ahead (three blocks a step: splits of 3 and 4 blocks leave none, one or two after the
+    last step), 128-row tiles of 8 warps, 8-token tiles (wgmmas of N = 8) -- give the Triton kernel's bits too (K one
     group short of whole blocks: the last block is the masked one)."""
-    n, k = 1000, 128 * 9 - gs
-    q = quantize3(torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16), gs, 4, "affine")
-    x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
     for knob, value in knobs.items():
         monkeypatch.setenv(knob, value)
-    for m in (1, 5, 16):
-        gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4,
-                                                                                   "affine"))
-        assert same_bits(gluon, triton), m
-        plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", gs, 4, torch.bfloat16)[0]
-        assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
-        assert plan.block_m == (8 if knobs.get("LOWBIT_GLUON_BLOCK_M") == "8" and m <= 8 else 16)
+    n = 1000
+    for k in (128 * 9 - gs, 128 * 13 - gs):
+        q = quantize3(torch.randn(n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16), gs, 4, "affine")
+        x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
+        for m in (1, 5, 16):
+            gluon, triton = _both_kernels(monkeypatch, lambda: lowbit.quantized_matmul(x[:m], *q, True, gs, 4,
+                                                                                       "affine"))
+            assert same_bits(gluon, triton), (k, m)
+            plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", gs, 4,
+                                 torch.bfloat16)[0]
+            assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
+            assert plan.block_m == (8 if knobs.get("LOWBIT_GLUON_BLOCK_M") == "8" and m <= 8 else 16)

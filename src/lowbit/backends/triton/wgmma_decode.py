@@ -85,9 +85,10 @@ def token_tile(block_m: int, rows: int) -> int:
 
 
 def constexprs() -> dict:
-    """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knobs: LOWBIT_GLUON_PREFETCH (0 / 1: loads one
-    block ahead in registers) and LOWBIT_GLUON_X_AHEAD_M (the widest token tile whose x is loaded ahead too; 16)."""
-    return {"PREFETCH": os.environ.get("LOWBIT_GLUON_PREFETCH", "1") == "1",
+    """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knobs: LOWBIT_GLUON_PREFETCH (0, 1 or 2: the
+    blocks whose loads are in flight in registers ahead of the one being decoded) and LOWBIT_GLUON_X_AHEAD_M (the
+    widest token tile whose x is loaded ahead too; 16)."""
+    return {"PREFETCH": int(os.environ.get("LOWBIT_GLUON_PREFETCH", "1")),
             "X_AHEAD_M": int(os.environ.get("LOWBIT_GLUON_X_AHEAD_M", "16"))}
 
 
@@ -349,13 +350,43 @@ if gluon is not None:
                  MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, PREFETCH: gl.constexpr,
                  mma: gl.constexpr, a_layout: gl.constexpr):
-        """The products of K blocks lo .. hi - 1 (one split) from zero, in order: the blocks wholly inside K two a
-        step, each one's loads issued before the other's decode (PREFETCH), then the last block of K if it is
+        """The products of K blocks lo .. hi - 1 (one split) from zero, in order: the blocks wholly inside K, each
+        one's loads issued PREFETCH blocks ahead (1: two blocks a step, 2: three), then the last block of K if it is
         partly past K and in the range."""
         BLOCK_K: gl.constexpr = PACKS * 8
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
-        if PREFETCH:  # two blocks a step, each one's loads issued before the other's decode (no register copies)
+        if PREFETCH == 2:  # three blocks a step, each one's loads issued two blocks ahead (no register copies)
+            if lo < whole:
+                w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, groups, packs2d, m_ok, sw_c,
+                                                 ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, gl.minimum(lo + 1, whole - 1), K,
+                                                 groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD,
+                                                 X_SLOT_MAJOR)
+                for step in range(0, (whole - lo) // 3):
+                    kb = lo + 3 * step
+                    w_c, s_c, b_c, x_c = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb + 2, K, groups, packs2d,
+                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, w_a, s_a, b_a, x_a, kb, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS, X_AHEAD,
+                                     X_SLOT_MAJOR, a_layout)
+                    ahead = gl.minimum(kb + 3, whole - 1)  # (past the split's end: its last block again, unused)
+                    w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, groups, packs2d,
+                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, w_b, s_b, b_b, x_b, kb + 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
+                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    ahead = gl.minimum(kb + 4, whole - 1)
+                    w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, groups, packs2d,
+                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, w_c, s_c, b_c, x_c, kb + 2, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
+                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
+                left = (whole - lo) % 3  # the split's last one or two blocks, loaded by the last step (or before)
+                if left >= 1:
+                    acc = _run_block(acc, w_a, s_a, b_a, x_a, whole - left, x_ptrs, K, m_ok, sx_k, x_smem, MODE,
+                                     PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
+                if left == 2:
+                    acc = _run_block(acc, w_b, s_b, b_b, x_b, whole - 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
+                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
+        elif PREFETCH == 1:  # two blocks a step, each one's loads issued one block ahead (no register copies)
             if lo < whole:
                 w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, groups, packs2d, m_ok, sw_c,
                                                  ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
@@ -401,8 +432,8 @@ if gluon is not None:
     ):
         """qmm.qmm_kernel's contract (the same arguments, the same program grid and split fold) for the calls
         `serves` admits; the weight tile is the wgmma's register A operand, x the shared-memory B operand.
-        PREFETCH: each block's weight loads (and x's, for 16-token tiles) are issued one block ahead, before the
-        previous block's decode."""
+        PREFETCH: each block's weight loads (and x's, for tiles of up to X_AHEAD_M tokens) are issued one or two
+        blocks ahead, before the previous blocks' decode."""
         WARPS: gl.constexpr = BLOCK_N // 16  # (each warp's m16 rows of the wgmma's M side)
         gl.static_assert(BLOCK_K == 128 and BLOCK_M <= 128 and gl.num_warps() == WARPS)
         PACKS: gl.constexpr = BLOCK_K // 8
@@ -456,8 +487,11 @@ if gluon is not None:
 
         k_blocks = gl.cdiv(K, BLOCK_K)
         per_split = gl.cdiv(k_blocks, SPLITS)
-        k_end = gl.where(gl.max(rows_ok.to(gl.int32), 0) > 0, k_blocks, 0)  # a tile with no rows does no work
-        X_AHEAD: gl.constexpr = PREFETCH and BLOCK_M <= X_AHEAD_M  # (wider x blocks hold many registers)
+        if ROUTING == 2:  # a tile with no rows (past the schedule) does no work
+            k_end = gl.where(gl.load(tile_rows_ptr + row_tile) > 0, k_blocks, 0)
+        else:
+            k_end = k_blocks
+        X_AHEAD: gl.constexpr = PREFETCH > 0 and BLOCK_M <= X_AHEAD_M  # (wider x blocks hold many registers)
         if SPLIT_IN_GRID or SPLITS == 1:  # this program's split
             lo = split * per_split
             acc = _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, gl.minimum(lo + per_split, k_end), K, groups, packs2d,
