@@ -45,6 +45,7 @@ def compile_decode(kernel, gluon: bool, group_size=64, splits=4, routing=0, x_sl
     if gluon:
         constexprs.setdefault("PREFETCH", 1)
         constexprs.setdefault("X_AHEAD_M", 16)
+        constexprs.setdefault("X_ASYNC", False)
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in (*POINTERS, *DIVISIBLE)}
     if gluon:
@@ -112,7 +113,9 @@ def main():
                       grouped),
                      ("affine4 g64, MoE prefill tile, Gluon", gluon_kernel, True, dict(grouped, PREFETCH=1)),
                      ("affine4 g64, MoE prefill tile, Gluon, x loaded ahead", gluon_kernel, True,
-                      dict(grouped, PREFETCH=1, X_AHEAD_M=128))]
+                      dict(grouped, PREFETCH=1, X_AHEAD_M=128)),
+                     ("affine4 g64, MoE prefill tile, Gluon, x by cp.async", gluon_kernel, True,
+                      dict(grouped, X_ASYNC=True))]
     for name, kernel, gluon, options in variants:
         sass, usage = disassemble(compile_decode(kernel, gluon, **options))
         for body in innermost_loops(sass):

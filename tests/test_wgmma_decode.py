@@ -244,6 +244,9 @@ def test_routed_decode_equals_the_triton_kernels_bits(monkeypatch, hopper, token
     (64, {}),  # 256 routed rows over 16 experts: 16-row tiles, splits in the grid
     (512, {"LOWBIT_GLUON_MAX_M": "128"}),  # 128-row tiles, every split in one program's loop
     (512, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_AHEAD_M": "128"}),  # and x loaded a block ahead
+    (512, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1"}),  # or by cp.async into two buffers
+    (512, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1", "LOWBIT_QMM_TILE": "64,128,8,3",
+           "LOWBIT_QMM_SPLIT_IN_GRID": "0"}),  # 64-row tiles of 128 weight rows, splits in the loop
 ])
 @pytest.mark.parametrize("mode, gs", [("affine", 64), ("mxfp4", 32)])
 def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tokens, knobs, mode, gs, gen):

@@ -394,7 +394,7 @@ class _Plan:
             DOT_DTYPE=TL_DTYPES[dot], PRECISION="tf32x3" if dot == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, ROUTING=routing, PACKED=packed, BLOCKS=blocks,
             UNROLL_SLOTS=unroll_slots, X_SLOT_MAJOR=self.x_slot_major, INTERPRET=interpret,
-            **(wgmma_decode.constexprs() if gluon else {}),
+            **(wgmma_decode.constexprs(self.x_slot_major, block_m) if gluon else {}),
         )
 
 

@@ -36,6 +36,7 @@ from .decode import E4M3_PAIR_ASM
 try:  # Gluon ships with Triton 3.5 on; what it needs here was checked on 3.6
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 except ImportError:  # pragma: no cover - an older Triton: the Triton kernel serves every call
     gluon = None
@@ -84,12 +85,14 @@ def token_tile(block_m: int, rows: int) -> int:
     return 8 if narrow and rows <= 8 and block_m == 16 else block_m
 
 
-def constexprs() -> dict:
+def constexprs(x_slot_major: bool, block_m: int) -> dict:
     """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knobs: LOWBIT_GLUON_PREFETCH (0, 1 or 2: the
     blocks whose loads are in flight in registers ahead of the one being decoded) and LOWBIT_GLUON_X_AHEAD_M (the
-    widest token tile whose x is loaded ahead too; 16)."""
+    widest token tile whose x is loaded ahead too; 16), LOWBIT_GLUON_X_ASYNC=1 (token tiles above 16 rows with x
+    copied slot-major: x by cp.async into two shared buffers, every block in one loop)."""
     return {"PREFETCH": int(os.environ.get("LOWBIT_GLUON_PREFETCH", "1")),
-            "X_AHEAD_M": int(os.environ.get("LOWBIT_GLUON_X_AHEAD_M", "16"))}
+            "X_AHEAD_M": int(os.environ.get("LOWBIT_GLUON_X_AHEAD_M", "16")),
+            "X_ASYNC": x_slot_major and block_m > 16 and os.environ.get("LOWBIT_GLUON_X_ASYNC") == "1"}
 
 
 def affine4_byte_asm(j: int) -> str:
@@ -418,6 +421,73 @@ if gluon is not None:
         return acc
 
     @gluon.jit
+    def _copy_x(x_buf, x_ptrs, kb, m_ok, PACKS: gl.constexpr):
+        """cp.async of K block kb of the slot-major x copy into x_buf (rows past the tile's: zeros), one group."""
+        async_copy.async_copy_global_to_shared(x_buf, x_ptrs + kb * PACKS * 8, mask=m_ok[:, None])
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _x_landed(x_bufs, x_ptrs, kb_next, m_ok, PACKS: gl.constexpr, NEXT: gl.constexpr):
+        """Start the copy of block kb_next's x into buffer NEXT (free: every warp is past the wgmmas of the block that
+        used it), then wait until the other buffer's copy, issued one block before, has landed for every thread."""
+        _barrier()
+        _copy_x(x_bufs.index(NEXT), x_ptrs, kb_next, m_ok, PACKS)
+        async_copy.wait_group(1)
+        fence_async_shared()
+        _barrier()
+
+    @gluon.jit
+    def _k_range_x_async(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
+                         x_bufs, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
+        """_k_range for wide token tiles with x copied slot-major (LOWBIT_GLUON_X_ASYNC): each block's x lands in
+        one of two shared buffers by cp.async while the block before it is decoded and multiplied; words, scales and
+        biases are loaded one block ahead in registers (two blocks a step, no register copies)."""
+        BLOCK_K: gl.constexpr = PACKS * 8
+        whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))
+        acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
+        if lo < whole:
+            _copy_x(x_bufs.index(0), x_ptrs, lo, m_ok, PACKS)
+            w_a, s_a, b_a = _load_weights(w_ptrs, s_ptrs, b_ptrs, lo, K, groups, packs2d, sw_c, ss_c, sb_c, GS, PACKS,
+                                          False)
+            for pair in range(0, (whole - lo) // 2):
+                kb = lo + 2 * pair
+                w_b, s_b, b_b = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb + 1, K, groups, packs2d, sw_c, ss_c, sb_c,
+                                              GS, PACKS, False)
+                _x_landed(x_bufs, x_ptrs, kb + 1, m_ok, PACKS, 1)
+                acc = _dot_block(acc, w_a, s_a, b_a, x_bufs.index(0), MODE, PACKS, a_layout)
+                ahead = gl.minimum(kb + 2, whole - 1)  # (past the range: its last block again, unused)
+                w_a, s_a, b_a = _load_weights(w_ptrs, s_ptrs, b_ptrs, ahead, K, groups, packs2d, sw_c, ss_c, sb_c,
+                                              GS, PACKS, False)
+                _x_landed(x_bufs, x_ptrs, ahead, m_ok, PACKS, 0)
+                acc = _dot_block(acc, w_b, s_b, b_b, x_bufs.index(1), MODE, PACKS, a_layout)
+            async_copy.wait_group(0)
+            if (whole - lo) % 2 == 1:  # the range's last whole block: its words and x (buffer 0) loaded last
+                fence_async_shared()
+                _barrier()
+                acc = _dot_block(acc, w_a, s_a, b_a, x_bufs.index(0), MODE, PACKS, a_layout)
+        if whole < hi:  # the last block of K, partly past it: x through registers (_mma_block's barriers)
+            words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, groups, packs2d, sw_c, ss_c, sb_c,
+                                               GS, PACKS, True)
+            acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, True),
+                             x_bufs.index(0), MODE, PACKS, a_layout)
+        return acc
+
+    @gluon.jit
+    def _split_partial(w_ptrs, s_ptrs, b_ptrs, x_ptrs, x_bufs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
+                       x_smem, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, X_ASYNC: gl.constexpr,
+                       PREFETCH: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
+        """One split's partial (K blocks lo .. hi - 1, from zero), x staged through registers or by cp.async."""
+        if X_ASYNC:
+            return _k_range_x_async(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c,
+                                    sb_c, sx_k, x_bufs, MODE, GS, PACKS, BLOCK_M, BLOCK_N, mma, a_layout)
+        else:
+            return _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
+                            x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD, X_SLOT_MAJOR, PREFETCH, mma,
+                            a_layout)
+
+    @gluon.jit
     def packed4_decode_kernel(
         x_ptr, w_ptr, s_ptr, b_ptr, g_ptr, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr, tile_rows_ptr,
         out_ptr, part_ptr, arrivals_ptr,
@@ -429,6 +499,7 @@ if gluon is not None:
         PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         ROUTING: gl.constexpr, PACKED: gl.constexpr, BLOCKS: gl.constexpr, UNROLL_SLOTS: gl.constexpr,
         X_SLOT_MAJOR: gl.constexpr, INTERPRET: gl.constexpr, PREFETCH: gl.constexpr, X_AHEAD_M: gl.constexpr,
+        X_ASYNC: gl.constexpr,
     ):
         """qmm.qmm_kernel's contract (the same arguments, the same program grid and split fold) for the calls
         `serves` admits; the weight tile is the wgmma's register A operand, x the shared-memory B operand.
@@ -470,7 +541,12 @@ if gluon is not None:
             x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :]
         else:
             x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * sx_k
-        x_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, BLOCK_K], x_smem_layout)
+        if X_ASYNC:  # two buffers: one block's x lands by cp.async while the other's feeds the wgmmas
+            x_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M, BLOCK_K], x_smem_layout)
+            x_smem = x_bufs.index(0)
+        else:
+            x_bufs = None
+            x_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, BLOCK_K], x_smem_layout)
 
         # weight rows of this tile in the A operand's layout
         offs_p = gl.arange(0, PACKS, layout=gl.SliceLayout(0, a_layout))
@@ -494,16 +570,17 @@ if gluon is not None:
         X_AHEAD: gl.constexpr = PREFETCH > 0 and BLOCK_M <= X_AHEAD_M  # (wider x blocks hold many registers)
         if SPLIT_IN_GRID or SPLITS == 1:  # this program's split
             lo = split * per_split
-            acc = _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, gl.minimum(lo + per_split, k_end), K, groups, packs2d,
-                           m_ok, sw_c, ss_c, sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD,
-                           X_SLOT_MAJOR, PREFETCH, mma, a_layout)
+            acc = _split_partial(w_ptrs, s_ptrs, b_ptrs, x_ptrs, x_bufs, lo, gl.minimum(lo + per_split, k_end), K,
+                                 groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M,
+                                 BLOCK_N, X_AHEAD, X_SLOT_MAJOR, X_ASYNC, PREFETCH, mma, a_layout)
         else:  # every split in turn, each from zero, added in split order (as qmm_kernel's one-program loop)
             acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
             for s in range(0, SPLITS):
                 lo = s * per_split
-                acc = acc + _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, gl.minimum(lo + per_split, k_end), K,
-                                     groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M,
-                                     BLOCK_N, X_AHEAD, X_SLOT_MAJOR, PREFETCH, mma, a_layout)
+                acc = acc + _split_partial(w_ptrs, s_ptrs, b_ptrs, x_ptrs, x_bufs, lo,
+                                           gl.minimum(lo + per_split, k_end), K, groups, packs2d, m_ok, sw_c, ss_c,
+                                           sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD,
+                                           X_SLOT_MAJOR, X_ASYNC, PREFETCH, mma, a_layout)
 
         offs_out = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         mask = (offs_out < N)[:, None] & rows_ok[None, :]
