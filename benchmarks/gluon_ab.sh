@@ -14,9 +14,9 @@ run() {  # tag, then environment assignments
 }
 run triton LOWBIT_QMM_GLUON=0
 run gluon LOWBIT_QMM_GLUON=1
-run gluon8 LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_BLOCK_M=8
+F="affine4g64 mxfp4" run gluon8 LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_BLOCK_M=8
 # more loads in flight a SM: two blocks ahead (164 registers: 3 programs a SM), or one ahead under 128 registers (4)
-F="affine4g64 mxfp4" run gluon_pf2 LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_PREFETCH=2
-F="affine4g64 mxfp4" run gluon_r128 LOWBIT_QMM_GLUON=1 LOWBIT_QMM_MAXNREG=128
+F="affine4g64" run gluon_pf2 LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_PREFETCH=2
+F="affine4g64" run gluon_r128 LOWBIT_QMM_GLUON=1 LOWBIT_QMM_MAXNREG=128
 for tag in gluon gluon8 gluon_pf2 gluon_r128; do python3 benchmarks/decode_ab.py --compare triton "$tag"; done
 rm -f "$OUT"/triton.pt "$OUT"/gluon*.pt
