@@ -241,37 +241,44 @@ def test_routed_decode_equals_the_triton_kernels_bits(monkeypatch, hopper, token
 
 
 @pytest.mark.parametrize("tokens, knobs", [
-    (64, {}),  # 256 routed rows over 16 experts: 16-row tiles, splits in the grid
-    (512, {"LOWBIT_GLUON_MAX_M": "128"}),  # 128-row tiles, every split in one program's loop
-    (512, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_AHEAD_M": "128"}),  # and x loaded a block ahead
-    (512, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1"}),  # or by cp.async into two buffers
-    (512, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1", "LOWBIT_QMM_TILE": "64,128,8,3",
+    (32, {}),  # 2 rows x 4 experts a token over 16 experts: 16-row tiles, splits in the grid
+    (256, {"LOWBIT_GLUON_MAX_M": "128"}),  # 128-row tiles, every split in one program's loop
+    (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_AHEAD_M": "128"}),  # and x loaded a block ahead
+    (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_PREFETCH": "2"}),  # loads two blocks ahead
+    (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1"}),  # x by cp.async into two buffers
+    (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1", "LOWBIT_QMM_TILE": "64,128,8,3",
            "LOWBIT_QMM_SPLIT_IN_GRID": "0"}),  # 64-row tiles of 128 weight rows, splits in the loop
 ])
-@pytest.mark.parametrize("mode, gs", [("affine", 64), ("mxfp4", 32)])
-def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tokens, knobs, mode, gs, gen):
-    """gather_qmm with many routed rows (grouped routing: rows sorted by expert, MoE prefill), the Gluon kernel's
-    row tiles from the schedule -- tiles of several experts' rows, tiles past the schedule with no rows -- give the
-    Triton kernel's bits; K of 15 blocks and one group (the masked last block) over several splits."""
+@pytest.mark.parametrize("k_blocks", [16, 23])
+@pytest.mark.parametrize("mode, gs", [("affine", 64), ("mxfp4", 32), ("nvfp4", 16)])
+def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tokens, knobs, k_blocks, mode, gs, gen):
+    """gather_qmm with many routed rows (grouped routing: rows sorted by expert, MoE prefill) and two rows per item
+    (x (tokens, 2, K): item and row strides differ): the Gluon kernel's row tiles from the schedule -- each tile one
+    expert's rows, tiles past the schedule with no rows -- give the Triton kernel's bits. K of 16 or 23 whole blocks
+    plus one group (the masked last block) over 8 splits: 2 or 3 blocks a split (an odd block after a step), the
+    partial block in a split of its own or after whole ones; nvfp4 with one tensor scale per expert."""
     for knob, value in knobs.items():
         monkeypatch.setenv(knob, value)
-    experts, top_k, n, k = 16, 4, 200, 128 * 15 + gs
+    experts, top_k, n, k = 16, 4, 200, 128 * k_blocks + gs
     w = torch.randn(experts, n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
-    q = quantize3(w, gs, 4, mode)
-    x = torch.randn(tokens, 1, 1, k, generator=gen).to("cuda", torch.bfloat16)
+    g = w.abs().amax(dim=(1, 2)).float() if mode == "nvfp4" else None
+    q = quantize3(w, gs, 4, mode, global_scale=g)
+    x = torch.randn(tokens, 1, 2, k, generator=gen).to("cuda", torch.bfloat16)
     idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to("cuda")
 
     def call():
-        return lowbit.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=gs, bits=4, mode=mode)
+        return lowbit.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=gs, bits=4, mode=mode,
+                                 global_scale=g)
 
     gluon, triton = _both_kernels(monkeypatch, call)
-    plan = qmm._plan_for(x.reshape(tokens, 1, k), q[0], q[1], q[2], None, idx.reshape(-1), True, mode, gs, 4,
+    plan = qmm._plan_for(x.reshape(tokens, 2, k), q[0], q[1], q[2], g, idx.reshape(-1), True, mode, gs, 4,
                          torch.bfloat16)[0]
     assert plan.routing == qmm.GROUPED and plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
-    assert plan.split_in_grid == (tokens == 64)
+    assert plan.split_in_grid == (tokens == 32) and plan.splits == 8
     assert same_bits(gluon, triton)
-    ref = torch.einsum("tk,tenk->ten", x[:, 0, 0].double(), dequantize_f64(q, gs, 4, mode).to("cuda")[idx])
-    assert ((gluon[:, :, 0].double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+    w_hat = dequantize_f64(q, gs, 4, mode, g).to("cuda")
+    ref = torch.einsum("tmk,tenk->temn", x[:, 0].double(), w_hat[idx])
+    assert ((gluon.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 
 def test_rows_bit_identical_across_batch_sizes_and_paths(hopper, gen):

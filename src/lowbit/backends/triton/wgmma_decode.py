@@ -447,6 +447,7 @@ if gluon is not None:
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
         if lo < whole:
+            _barrier()  # every warp is past the previous split's wgmmas (its last block may have read buffer 0)
             _copy_x(x_bufs.index(0), x_ptrs, lo, m_ok, PACKS)
             w_a, s_a, b_a = _load_weights(w_ptrs, s_ptrs, b_ptrs, lo, K, groups, packs2d, sw_c, ss_c, sb_c, GS, PACKS,
                                           False)
