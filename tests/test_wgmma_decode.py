@@ -255,8 +255,9 @@ def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tok
     """gather_qmm with many routed rows (grouped routing: rows sorted by expert, MoE prefill) and two rows per item
     (x (tokens, 2, K): item and row strides differ): the Gluon kernel's row tiles from the schedule -- each tile one
     expert's rows, tiles past the schedule with no rows -- give the Triton kernel's bits. K of 16 or 23 whole blocks
-    plus one group (the masked last block) over 8 splits: 2 or 3 blocks a split (an odd block after a step), the
-    partial block in a split of its own or after whole ones; nvfp4 with one tensor scale per expert."""
+    plus one group (the masked last block) over 8 splits of 3 blocks (a two-block step and an odd block): the last
+    split holding 1 or 2 whole blocks before the partial one, empty splits after it; nvfp4 with one tensor scale per
+    expert."""
     for knob, value in knobs.items():
         monkeypatch.setenv(knob, value)
     experts, top_k, n, k = 16, 4, 200, 128 * k_blocks + gs
