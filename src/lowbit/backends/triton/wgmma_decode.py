@@ -161,6 +161,7 @@ SCALE_PAIR_ASM = """{ .reg .b32 t, c;
 
 if gluon is not None:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed after Triton 3.6)
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared  # (likewise)
     _byte_asm = gluon.constexpr_function(affine4_byte_asm)
     _fp4_byte_asm = gluon.constexpr_function(fp4_byte_asm)
     _E4M3_WORD_ASM = gl.constexpr(e4m3_word_asm())
@@ -253,9 +254,11 @@ if gluon is not None:
         return xb
 
     @gluon.jit
-    def _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
-                    GS: gl.constexpr, PACKS: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr):
-        """What block kb needs loaded ahead: its weights, and its x where X_AHEAD (else a stand-in)."""
+    def _load_state(src, kb, GS: gl.constexpr, PACKS: gl.constexpr, X_AHEAD: gl.constexpr,
+                    X_SLOT_MAJOR: gl.constexpr):
+        """What block kb needs loaded ahead: its weights, and its x where X_AHEAD (else a stand-in). src: the
+        tile's sources (see _k_range)."""
+        w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k = src
         words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, groups, packs2d, sw_c, ss_c, sb_c, GS,
                                            PACKS, False)
         if X_AHEAD:
@@ -265,10 +268,11 @@ if gluon is not None:
         return words, scale, bias, xb
 
     @gluon.jit
-    def _run_block(acc, words, scale, bias, xb, kb, x_ptrs, K, m_ok, sx_k, x_smem, MODE: gl.constexpr,
-                   PACKS: gl.constexpr,
-                   X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, a_layout: gl.constexpr):
-        """_mma_block on a loaded state; x loaded now unless it came with the state."""
+    def _run_block(acc, state, kb, src, x_smem, MODE: gl.constexpr, PACKS: gl.constexpr, X_AHEAD: gl.constexpr,
+                   X_SLOT_MAJOR: gl.constexpr, a_layout: gl.constexpr):
+        """_mma_block on a state _load_state loaded; x loaded now unless it came with the state."""
+        words, scale, bias, xb = state
+        w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k = src
         if X_AHEAD:
             return _mma_block(acc, words, scale, bias, xb, x_smem, MODE, PACKS, a_layout)
         else:
@@ -359,54 +363,37 @@ if gluon is not None:
         BLOCK_K: gl.constexpr = PACKS * 8
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
+        src = (w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k)
         if PREFETCH == 2:  # three blocks a step, each one's loads issued two blocks ahead (no register copies)
             if lo < whole:
-                w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, groups, packs2d, m_ok, sw_c,
-                                                 ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, gl.minimum(lo + 1, whole - 1), K,
-                                                 groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD,
-                                                 X_SLOT_MAJOR)
+                a = _load_state(src, lo, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                b = _load_state(src, gl.minimum(lo + 1, whole - 1), GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
                 for step in range(0, (whole - lo) // 3):
                     kb = lo + 3 * step
-                    w_c, s_c, b_c, x_c = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb + 2, K, groups, packs2d,
-                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                    acc = _run_block(acc, w_a, s_a, b_a, x_a, kb, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS, X_AHEAD,
-                                     X_SLOT_MAJOR, a_layout)
-                    ahead = gl.minimum(kb + 3, whole - 1)  # (past the split's end: its last block again, unused)
-                    w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, groups, packs2d,
-                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                    acc = _run_block(acc, w_b, s_b, b_b, x_b, kb + 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
-                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
-                    ahead = gl.minimum(kb + 4, whole - 1)
-                    w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, groups, packs2d,
-                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                    acc = _run_block(acc, w_c, s_c, b_c, x_c, kb + 2, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
-                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    c = _load_state(src, kb + 2, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, a, kb, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    # (past the split's end: its last block again, unused)
+                    a = _load_state(src, gl.minimum(kb + 3, whole - 1), GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, b, kb + 1, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    b = _load_state(src, gl.minimum(kb + 4, whole - 1), GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, c, kb + 2, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
                 left = (whole - lo) % 3  # the split's last one or two blocks, loaded by the last step (or before)
                 if left >= 1:
-                    acc = _run_block(acc, w_a, s_a, b_a, x_a, whole - left, x_ptrs, K, m_ok, sx_k, x_smem, MODE,
-                                     PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    acc = _run_block(acc, a, whole - left, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
                 if left == 2:
-                    acc = _run_block(acc, w_b, s_b, b_b, x_b, whole - 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
-                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    acc = _run_block(acc, b, whole - 1, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
         elif PREFETCH == 1:  # two blocks a step, each one's loads issued one block ahead (no register copies)
             if lo < whole:
-                w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, K, groups, packs2d, m_ok, sw_c,
-                                                 ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                a = _load_state(src, lo, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
                 for pair in range(0, (whole - lo) // 2):
                     kb = lo + 2 * pair
-                    w_b, s_b, b_b, x_b = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, kb + 1, K, groups, packs2d,
-                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                    acc = _run_block(acc, w_a, s_a, b_a, x_a, kb, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS, X_AHEAD,
-                                     X_SLOT_MAJOR, a_layout)
-                    ahead = gl.minimum(kb + 2, whole - 1)  # (past the split's end: its last block again, unused)
-                    w_a, s_a, b_a, x_a = _load_state(w_ptrs, s_ptrs, b_ptrs, x_ptrs, ahead, K, groups, packs2d,
-                                                     m_ok, sw_c, ss_c, sb_c, sx_k, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
-                    acc = _run_block(acc, w_b, s_b, b_b, x_b, kb + 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
-                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    b = _load_state(src, kb + 1, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, a, kb, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    # (past the split's end: its last block again, unused)
+                    a = _load_state(src, gl.minimum(kb + 2, whole - 1), GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
+                    acc = _run_block(acc, b, kb + 1, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
                 if (whole - lo) % 2 == 1:  # the split's last block, loaded by the last step (or before the loop)
-                    acc = _run_block(acc, w_a, s_a, b_a, x_a, whole - 1, x_ptrs, K, m_ok, sx_k, x_smem, MODE, PACKS,
-                                     X_AHEAD, X_SLOT_MAJOR, a_layout)
+                    acc = _run_block(acc, a, whole - 1, src, x_smem, MODE, PACKS, X_AHEAD, X_SLOT_MAJOR, a_layout)
         else:
             for kb in range(lo, whole):
                 words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb, K, groups, packs2d, sw_c, ss_c,
@@ -423,7 +410,7 @@ if gluon is not None:
     @gluon.jit
     def _copy_x(x_buf, x_ptrs, kb, m_ok, PACKS: gl.constexpr):
         """cp.async of K block kb of the slot-major x copy into x_buf (rows past the tile's: zeros), one group."""
-        async_copy.async_copy_global_to_shared(x_buf, x_ptrs + kb * PACKS * 8, mask=m_ok[:, None])
+        _async_load(x_buf, x_ptrs + kb * PACKS * 8, mask=m_ok[:, None])
         async_copy.commit_group()
 
     @gluon.jit
