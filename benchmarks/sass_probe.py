@@ -1,7 +1,8 @@
 """Read a decode kernel's machine code without a GPU (development): compile qmm_kernel (Triton) and the Gluon decode
-kernel (wgmma_decode.py) for sm_90 with a decode call's specializations, and print registers, shared memory and the
-K loop's instruction count by opcode. Counting instructions per K block first, then timing, is how the decode
-kernels were tuned (benchmarks/NOTES.md): at M = 1 they are bound by instruction issue.
+kernel (wgmma_decode.py) for sm_90 with a decode call's specializations (and the MoE prefill's grouped 128 x 128
+tile), and print registers, shared memory and the K loop's instruction count by opcode. Counting instructions per K
+block first, then timing, is how the decode kernels were tuned (benchmarks/NOTES.md): at M = 1 they are bound by
+instruction issue.
 
 Usage (any machine with Triton, repo root): PYTHONPATH=src python benchmarks/sass_probe.py [--listing]
 The codegen is the installed Triton's; the GPU machine runs Triton 3.6 (`pip install triton==3.6.0` in a venv of its
