@@ -118,8 +118,7 @@ def schedule(rhs: torch.Tensor, m: int, n_weights: int, block_m: int, bound: int
     tile_chunk = max(1, min(32, 4096 // weights))  # row tiles per program, each compared with every weight
     if one_program:  # one launch instead of five or more
         launch = launcher(small_schedule_kernel, 8, 1, BLOCK_M=block_m, ITEMS=triton.next_power_of_2(n_items),
-                          WEIGHTS=weights,
-                          TILE_CHUNK=tile_chunk)
+                          WEIGHTS=weights, TILE_CHUNK=tile_chunk)
         launch((1,), rhs, rows, tile_w, tile_start, tile_rows, n_items, m, n_weights, bound)
         return rows, tile_w, tile_start, tile_rows
     keys = rhs.to(torch.int16 if n_weights < 2**15 else torch.int32)  # fewer radix passes than int64

@@ -89,7 +89,7 @@ def constexprs(x_slot_major: bool, block_m: int) -> dict:
     """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knobs: LOWBIT_GLUON_PREFETCH (0, 1 or 2: the
     blocks whose loads are in flight in registers ahead of the one being decoded) and LOWBIT_GLUON_X_AHEAD_M (the
     widest token tile whose x is loaded ahead too; 16), LOWBIT_GLUON_X_ASYNC=1 (token tiles above 16 rows with x
-    copied slot-major: x by cp.async into two shared buffers, every block in one loop)."""
+    copied slot-major: x by cp.async into two shared buffers, each split's blocks in a two-block loop)."""
     return {"PREFETCH": int(os.environ.get("LOWBIT_GLUON_PREFETCH", "1")),
             "X_AHEAD_M": int(os.environ.get("LOWBIT_GLUON_X_AHEAD_M", "16")),
             "X_ASYNC": x_slot_major and block_m > 16 and os.environ.get("LOWBIT_GLUON_X_ASYNC") == "1"}
@@ -353,17 +353,16 @@ if gluon is not None:
         return rows, ok, x_rows, item * so_i + (rows % M) * so_m, weight
 
     @gluon.jit
-    def _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, x_smem,
-                 MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
+    def _k_range(src, lo, hi, x_smem, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, PREFETCH: gl.constexpr,
                  mma: gl.constexpr, a_layout: gl.constexpr):
         """The products of K blocks lo .. hi - 1 (one split) from zero, in order: the blocks wholly inside K, each
         one's loads issued PREFETCH blocks ahead (1: two blocks a step, 2: three), then the last block of K if it is
-        partly past K and in the range."""
+        partly past K and in the range. src: the tile's sources (the kernel's tuple)."""
+        w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k = src
         BLOCK_K: gl.constexpr = PACKS * 8
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
-        src = (w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k)
         if PREFETCH == 2:  # three blocks a step, each one's loads issued two blocks ahead (no register copies)
             if lo < whole:
                 a = _load_state(src, lo, GS, PACKS, X_AHEAD, X_SLOT_MAJOR)
@@ -424,12 +423,12 @@ if gluon is not None:
         _barrier()
 
     @gluon.jit
-    def _k_range_x_async(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
-                         x_bufs, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
+    def _k_range_x_async(src, lo, hi, x_bufs, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
         """_k_range for wide token tiles with x copied slot-major (LOWBIT_GLUON_X_ASYNC): each block's x lands in
         one of two shared buffers by cp.async while the block before it is decoded and multiplied; words, scales and
         biases are loaded one block ahead in registers (two blocks a step, no register copies)."""
+        w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k = src
         BLOCK_K: gl.constexpr = PACKS * 8
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
@@ -462,18 +461,15 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _split_partial(w_ptrs, s_ptrs, b_ptrs, x_ptrs, x_bufs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
-                       x_smem, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, X_ASYNC: gl.constexpr,
-                       PREFETCH: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
+    def _split_partial(src, x_bufs, x_smem, lo, hi, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr,
+                       X_ASYNC: gl.constexpr, PREFETCH: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
         """One split's partial (K blocks lo .. hi - 1, from zero), x staged through registers or by cp.async."""
         if X_ASYNC:
-            return _k_range_x_async(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c,
-                                    sb_c, sx_k, x_bufs, MODE, GS, PACKS, BLOCK_M, BLOCK_N, mma, a_layout)
+            return _k_range_x_async(src, lo, hi, x_bufs, MODE, GS, PACKS, BLOCK_M, BLOCK_N, mma, a_layout)
         else:
-            return _k_range(w_ptrs, s_ptrs, b_ptrs, x_ptrs, lo, hi, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k,
-                            x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD, X_SLOT_MAJOR, PREFETCH, mma,
-                            a_layout)
+            return _k_range(src, lo, hi, x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD, X_SLOT_MAJOR, PREFETCH,
+                            mma, a_layout)
 
     @gluon.jit
     def packed4_decode_kernel(
@@ -556,19 +552,18 @@ if gluon is not None:
         else:
             k_end = k_blocks
         X_AHEAD: gl.constexpr = PREFETCH > 0 and BLOCK_M <= X_AHEAD_M  # (wider x blocks hold many registers)
+        src = (w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k)
         if SPLIT_IN_GRID or SPLITS == 1:  # this program's split
             lo = split * per_split
-            acc = _split_partial(w_ptrs, s_ptrs, b_ptrs, x_ptrs, x_bufs, lo, gl.minimum(lo + per_split, k_end), K,
-                                 groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M,
+            acc = _split_partial(src, x_bufs, x_smem, lo, gl.minimum(lo + per_split, k_end), MODE, GS, PACKS, BLOCK_M,
                                  BLOCK_N, X_AHEAD, X_SLOT_MAJOR, X_ASYNC, PREFETCH, mma, a_layout)
         else:  # every split in turn, each from zero, added in split order (as qmm_kernel's one-program loop)
             acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
             for s in range(0, SPLITS):
                 lo = s * per_split
-                acc = acc + _split_partial(w_ptrs, s_ptrs, b_ptrs, x_ptrs, x_bufs, lo,
-                                           gl.minimum(lo + per_split, k_end), K, groups, packs2d, m_ok, sw_c, ss_c,
-                                           sb_c, sx_k, x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD,
-                                           X_SLOT_MAJOR, X_ASYNC, PREFETCH, mma, a_layout)
+                acc = acc + _split_partial(src, x_bufs, x_smem, lo, gl.minimum(lo + per_split, k_end), MODE, GS,
+                                           PACKS, BLOCK_M, BLOCK_N, X_AHEAD, X_SLOT_MAJOR, X_ASYNC, PREFETCH, mma,
+                                           a_layout)
 
         offs_out = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         mask = (offs_out < N)[:, None] & rows_ok[None, :]
