@@ -356,9 +356,9 @@ if gluon is not None:
     def _k_range(src, lo, hi, x_smem, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr, PREFETCH: gl.constexpr,
                  mma: gl.constexpr, a_layout: gl.constexpr):
-        """The products of K blocks lo .. hi - 1 (one split) from zero, in order: the blocks wholly inside K, each
-        one's loads issued PREFETCH blocks ahead (1: two blocks a step, 2: three), then the last block of K if it is
-        partly past K and in the range. src: the tile's sources (the kernel's tuple)."""
+        """The products of the blocks of lo .. hi - 1 (one split) that lie wholly inside K, from zero, in order,
+        each one's loads issued PREFETCH blocks ahead (1: two blocks a step, 2: three). src: the tile's sources (the
+        kernel's tuple)."""
         w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k = src
         BLOCK_K: gl.constexpr = PACKS * 8
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))  # the split's blocks lying wholly inside K end here
@@ -399,11 +399,6 @@ if gluon is not None:
                                                    sb_c, GS, PACKS, False)
                 acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, kb, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
                                  x_smem, MODE, PACKS, a_layout)
-        if whole < hi:  # the last block of K, partly past it (in the split that holds it; empty splits have none)
-            words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, groups, packs2d, sw_c, ss_c, sb_c,
-                                               GS, PACKS, True)
-            acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
-                             x_smem, MODE, PACKS, a_layout)
         return acc
 
     @gluon.jit
@@ -453,23 +448,29 @@ if gluon is not None:
                 fence_async_shared()
                 _barrier()
                 acc = _dot_block(acc, w_a, s_a, b_a, x_bufs.index(0), MODE, PACKS, a_layout)
-        if whole < hi:  # the last block of K, partly past it: x through registers (_mma_block's barriers)
-            words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, groups, packs2d, sw_c, ss_c, sb_c,
-                                               GS, PACKS, True)
-            acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, True),
-                             x_bufs.index(0), MODE, PACKS, a_layout)
         return acc
 
     @gluon.jit
     def _split_partial(src, x_bufs, x_smem, lo, hi, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, X_AHEAD: gl.constexpr, X_SLOT_MAJOR: gl.constexpr,
                        X_ASYNC: gl.constexpr, PREFETCH: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
-        """One split's partial (K blocks lo .. hi - 1, from zero), x staged through registers or by cp.async."""
+        """One split's partial (K blocks lo .. hi - 1, from zero): the blocks wholly inside K with x staged through
+        registers or by cp.async, then the last block of K if it is partly past K and in the split (x through
+        registers, into x_smem: with X_ASYNC that is buffer 0)."""
+        w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k = src
         if X_ASYNC:
-            return _k_range_x_async(src, lo, hi, x_bufs, MODE, GS, PACKS, BLOCK_M, BLOCK_N, mma, a_layout)
+            acc = _k_range_x_async(src, lo, hi, x_bufs, MODE, GS, PACKS, BLOCK_M, BLOCK_N, mma, a_layout)
         else:
-            return _k_range(src, lo, hi, x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD, X_SLOT_MAJOR, PREFETCH,
-                            mma, a_layout)
+            acc = _k_range(src, lo, hi, x_smem, MODE, GS, PACKS, BLOCK_M, BLOCK_N, X_AHEAD, X_SLOT_MAJOR, PREFETCH,
+                           mma, a_layout)
+        BLOCK_K: gl.constexpr = PACKS * 8
+        whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))
+        if whole < hi:  # (empty splits have none; _mma_block's barriers order it after the range's wgmmas)
+            words, scale, bias = _load_weights(w_ptrs, s_ptrs, b_ptrs, whole, K, groups, packs2d, sw_c, ss_c, sb_c,
+                                               GS, PACKS, True)
+            acc = _mma_block(acc, words, scale, bias, _load_x(x_ptrs, whole, K, m_ok, sx_k, PACKS, X_SLOT_MAJOR),
+                             x_smem, MODE, PACKS, a_layout)
+        return acc
 
     @gluon.jit
     def packed4_decode_kernel(
