@@ -10,6 +10,7 @@ FORMATS="affine4g64 mxfp4" limits the formats.
 """
 
 import os
+import zlib
 import sys
 
 import torch
@@ -29,7 +30,6 @@ SWEEP = tuple(os.environ.get("SWEEP", "16,64,4,4 16,64,4,6 16,128,8,4 16,64,8,4"
 def run(tag: str, sweep: bool) -> None:
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s; torch {torch.__version__}", flush=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
     saved = {}
     rows = []
     only = os.environ.get("FORMATS")  # e.g. "affine4g64 mxfp4"
@@ -37,6 +37,8 @@ def run(tag: str, sweep: bool) -> None:
         if only and f"{mode}{bits}g{gs}" not in only.split() and mode not in only.split():
             continue
         for n, k in SHAPES:
+            # inputs seeded per product, so runs over different FORMATS compare bit for bit
+            gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(f"{mode}{gs}{bits} {n}x{k}".encode()))
             qs = _weights(mode, gs, bits, n, k, 6, gen)
             moved = _nbytes(*qs[0])
             x = torch.randn(256, k, device="cuda", dtype=torch.bfloat16, generator=gen)

@@ -100,8 +100,6 @@ def main():
         gluon_kernel = wgmma_decode.packed4_decode_kernel
         variants += [("affine4 g64, Gluon decode kernel", gluon_kernel, True, dict(PREFETCH=1, x_slot_major=False)),
                      ("affine4 g64, Gluon, x copied slot-major first", gluon_kernel, True, dict(PREFETCH=1)),
-                     ("affine4 g64, Gluon, loads two blocks ahead", gluon_kernel, True,
-                      dict(PREFETCH=2, x_slot_major=False)),
                      ("affine4 g64, Gluon, no prefetch", gluon_kernel, True, dict(PREFETCH=0, x_slot_major=False)),
                      ("affine4 g64, Gluon, 8-token tile", gluon_kernel, True,
                       dict(PREFETCH=1, x_slot_major=False, BLOCK_M=8)),

@@ -244,7 +244,6 @@ def test_routed_decode_equals_the_triton_kernels_bits(monkeypatch, hopper, token
     (32, {}),  # 2 rows x 4 experts a token over 16 experts: 16-row tiles, splits in the grid
     (256, {"LOWBIT_GLUON_MAX_M": "128"}),  # 128-row tiles, every split in one program's loop
     (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_AHEAD_M": "128"}),  # and x loaded a block ahead
-    (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_PREFETCH": "2"}),  # loads two blocks ahead
     (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1"}),  # x by cp.async into two buffers
     (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1", "LOWBIT_QMM_TILE": "64,128,8,3",
            "LOWBIT_QMM_SPLIT_IN_GRID": "0"}),  # 64-row tiles of 128 weight rows, splits in the loop
@@ -294,13 +293,11 @@ def test_rows_bit_identical_across_batch_sizes_and_paths(hopper, gen):
 
 
 @pytest.mark.parametrize("knobs", [{"LOWBIT_QMM_X_IN_KERNEL": "0"}, {"LOWBIT_GLUON_PREFETCH": "0"},
-                                   {"LOWBIT_GLUON_PREFETCH": "2"},
                                    {"LOWBIT_QMM_TILE": "16,128,8,3"}, {"LOWBIT_GLUON_BLOCK_M": "8"}])
 @pytest.mark.parametrize("gs", [32, 64])
 def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen):
     """The Gluon kernel's variants -- x copied slot-major before the launch instead of reordered in the kernel, no
-    prefetch, loads two blocks ahead (three blocks a step: splits of 3 and 4 blocks leave none, one or two after the
-    last step), 128-row tiles of 8 warps, 8-token tiles (wgmmas of N = 8) -- give the Triton kernel's bits too (K one
+    prefetch, 128-row tiles of 8 warps, 8-token tiles (wgmmas of N = 8) -- give the Triton kernel's bits too (K one
     group short of whole blocks: the last block is the masked one)."""
     for knob, value in knobs.items():
         monkeypatch.setenv(knob, value)
