@@ -3,7 +3,8 @@
 #   1. MoE prefill (4096 tokens): the Triton kernel against the Gluon kernel's grouped tiles with x by cp.async and
 #      each block's decode overlapping the previous block's wgmmas (NOTES v17);
 #   2. the bits of those tiles against the Triton kernel's (GPU tests);
-#   3. decode A/B at M = 1 / 4 / 16: Triton kernel against the Gluon kernel's 8-token tile, bit for bit;
+#   3. decode A/B at M = 1 / 4 / 16: the Triton kernel alone against the defaults (the Gluon kernel up to 8 rows,
+#      16 for nvfp4, in 8-token tiles), bit for bit;
 #   4. the rest of the Gluon kernel's GPU tests, slowest last.
 # Usage (GPU machine, repo root): bash benchmarks/gluon_ab.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -24,12 +25,12 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider --durations=5 "$T" -k "g
 elapsed
 run() {  # tag, then environment assignments
   local tag=$1; shift
-  env "$@" FORMATS="affine4g64 mxfp4 nvfp4" timeout 90 python3 benchmarks/decode_ab.py "$tag" 2>&1 | grep -v "^bf16\|^$"
+  env "$@" FORMATS="affine4g64 affine4g128 mxfp4 nvfp4" timeout 90 python3 benchmarks/decode_ab.py "$tag" 2>&1 | grep -v "^bf16\|^$"
 }
 run triton LOWBIT_QMM_GLUON=0
-run gluon8 LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_BLOCK_M=8
-python3 benchmarks/decode_ab.py --compare triton gluon8
-rm -f "$OUT"/triton.pt "$OUT"/gluon*.pt
+run default LOWBIT_BACKEND=triton
+python3 benchmarks/decode_ab.py --compare triton default
+rm -f "$OUT"/triton.pt "$OUT"/default.pt
 elapsed
 timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=8 "$T" -k "not (grouped_routing and (knobs3 or knobs4))" \
   2>&1 | tail -14

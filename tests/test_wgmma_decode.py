@@ -103,18 +103,20 @@ def test_scale_pair_text(gen):
 
 
 @pytest.mark.skipif(wgmma_decode.gluon is None, reason="this Triton has no Gluon")
-def test_default_serves_single_token_plain_products_only(monkeypatch):
-    """The kernel choice (no GPU needed): by default single-token plain products of 4-bit affine bf16 weights on
-    Hopper; LOWBIT_QMM_GLUON=1 widens it to every tile the kernel admits (mxfp4 and nvfp4 too), 0 turns it off; never
-    off Hopper or for other formats."""
+def test_default_serves_plain_products_of_a_few_rows_only(monkeypatch):
+    """The kernel choice (no GPU needed): by default plain products of up to 8 rows of 4-bit affine bf16, mxfp4 and
+    nvfp4 weights (16 rows of nvfp4) on Hopper; LOWBIT_QMM_GLUON=1 widens it to every tile the kernel admits (routed
+    products too), 0 turns it off; never off Hopper or for other formats."""
     def choice(rows=1, routing=0, mode="affine", bits=4, capability=(9, 0)):
         weight = torch.bfloat16 if mode == "affine" else torch.float32  # (qmm.weight_and_dot_dtypes)
         return wgmma_decode.serves(mode, bits, True, torch.bfloat16, weight, torch.bfloat16, True, (16, 64, 4),
                                    routing, rows, capability)
 
     monkeypatch.delenv("LOWBIT_QMM_GLUON", raising=False)
-    assert choice() and not choice(rows=2) and not choice(rows=16) and not choice(routing=1)
-    assert not choice(mode="mxfp4") and not choice(bits=8) and not choice(capability=(8, 0))
+    assert choice() and choice(rows=8) and not choice(rows=9) and not choice(rows=16) and not choice(routing=1)
+    assert choice(mode="mxfp4", rows=8) and not choice(mode="mxfp4", rows=9) and not choice(mode="mxfp4", routing=2)
+    assert choice(mode="nvfp4", rows=16) and not choice(mode="nvfp4", rows=17)
+    assert not choice(bits=8) and not choice(mode="mxfp8", bits=8) and not choice(capability=(8, 0))
     assert not choice(capability=(10, 0)) and not choice(capability=None)
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
     assert choice(rows=16) and choice(routing=1) and choice(routing=2) and choice(mode="mxfp4") and choice(mode="nvfp4")
@@ -125,10 +127,10 @@ def test_default_serves_single_token_plain_products_only(monkeypatch):
 
 @pytest.mark.skipif(wgmma_decode.gluon is None, reason="this Triton has no Gluon")
 def test_plans_on_hopper_pick_the_kernel_tile_and_x_order(monkeypatch):
-    """The qmm plan of a Hopper call (made on CPU: nothing is compiled or launched): the Gluon kernel with x reordered
-    in the kernel for one token of 4-bit affine bf16 (where this Triton is one it was compiled with), the Triton
-    kernel with x copied slot-major for two; the 8-token tile knob changes the plan's tile, and its row tiles, grid
-    and arrival counters with it."""
+    """The qmm plan of a Hopper call (made on CPU: nothing is compiled or launched): the Gluon kernel's 8-token tile
+    with x reordered in the kernel for up to 8 tokens of 4-bit affine bf16 (where this Triton is one it was compiled
+    with), the Triton kernel with x copied slot-major for 9; LOWBIT_GLUON_BLOCK_M=16 keeps the 16-token tile, and
+    the tile sets the plan's row tiles, grid and arrival counters."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("LOWBIT_QMM_GLUON", raising=False)
     monkeypatch.delenv("LOWBIT_GLUON_BLOCK_M", raising=False)
@@ -138,15 +140,17 @@ def test_plans_on_hopper_pick_the_kernel_tile_and_x_order(monkeypatch):
         return qmm._plan("affine", 64, 4, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, False,
                          torch.bfloat16, m, 4096, 4096, 1, 1, False, (9, 0))
 
-    one, two = plan(1), plan(2)
+    eight, nine = plan(8), plan(9)
     if wgmma_decode._COMPILED_WITH_THIS_TRITON:
-        assert one.qmm.kernel is wgmma_decode.packed4_decode_kernel and not one.x_slot_major
-    assert two.qmm.kernel is qmm.qmm_kernel and two.x_slot_major
+        assert eight.qmm.kernel is wgmma_decode.packed4_decode_kernel and not eight.x_slot_major
+        assert eight.block_m == 8 and eight.qmm.constexprs["BLOCK_M"] == 8
+        assert eight.row_tiles == 1 and eight.tiles == 4096 // 64
+    assert nine.qmm.kernel is qmm.qmm_kernel and nine.x_slot_major and nine.block_m == 16
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
-    monkeypatch.setenv("LOWBIT_GLUON_BLOCK_M", "8")
-    narrow, wide = plan(5), plan(16)
-    assert narrow.qmm.kernel is wgmma_decode.packed4_decode_kernel and narrow.block_m == 8
-    assert narrow.qmm.constexprs["BLOCK_M"] == 8 and narrow.row_tiles == 1 and narrow.tiles == 4096 // 64
+    monkeypatch.setenv("LOWBIT_GLUON_BLOCK_M", "16")
+    five, wide = plan(5), plan(16)
+    assert five.qmm.kernel is wgmma_decode.packed4_decode_kernel and five.block_m == 16
+    assert five.qmm.constexprs["BLOCK_M"] == 16 and five.row_tiles == 1
     assert wide.block_m == 16 and wide.qmm.constexprs["BLOCK_M"] == 16
     forget_plans()
 
@@ -293,11 +297,11 @@ def test_rows_bit_identical_across_batch_sizes_and_paths(hopper, gen):
 
 
 @pytest.mark.parametrize("knobs", [{"LOWBIT_QMM_X_IN_KERNEL": "0"}, {"LOWBIT_GLUON_PREFETCH": "0"},
-                                   {"LOWBIT_QMM_TILE": "16,128,8,3"}, {"LOWBIT_GLUON_BLOCK_M": "8"}])
+                                   {"LOWBIT_QMM_TILE": "16,128,8,3"}, {"LOWBIT_GLUON_BLOCK_M": "16"}])
 @pytest.mark.parametrize("gs", [32, 64])
 def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen):
     """The Gluon kernel's variants -- x copied slot-major before the launch instead of reordered in the kernel, no
-    prefetch, 128-row tiles of 8 warps, 8-token tiles (wgmmas of N = 8) -- give the Triton kernel's bits too (K one
+    prefetch, 128-row tiles of 8 warps, 16-token tiles at up to 8 rows -- give the Triton kernel's bits too (K one
     group short of whole blocks: the last block is the masked one)."""
     for knob, value in knobs.items():
         monkeypatch.setenv(knob, value)
@@ -312,4 +316,4 @@ def test_kernel_variants_give_the_same_bits(monkeypatch, hopper, knobs, gs, gen)
             plan = qmm._plan_for(x[None, :m], q[0], q[1], q[2], None, None, True, "affine", gs, 4,
                                  torch.bfloat16)[0]
             assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
-            assert plan.block_m == (8 if knobs.get("LOWBIT_GLUON_BLOCK_M") == "8" and m <= 8 else 16)
+            assert plan.block_m == (16 if knobs.get("LOWBIT_GLUON_BLOCK_M") == "16" or m > 8 else 8)

@@ -366,7 +366,7 @@ class _Plan:
         # kernel. Measured on an H200 at M = 1-16 (decode tiles, packed decoders): in the kernel, mxfp4 and nvfp4
         # decode 3-21% faster (fewer registers), affine 4-bit 3-15% slower on the Llama MLP shapes; wider row tiles
         # share one reordered copy. LOWBIT_QMM_X_IN_KERNEL (0 / 1) overrides for those decode tiles (a knob).
-        # The Gluon decode kernel (wgmma_decode.py) serves 4-bit affine single-token products on Hopper, same bits.
+        # The Gluon decode kernel (wgmma_decode.py) serves 4-bit plain products of a few rows on Hopper, same bits.
         gluon = wgmma_decode.serves(mode, bits, transpose, x_dtype, weight_dtype, dot, packed,
                                     (block_m, block_n, warps), routing, m, capability)
         if gluon:

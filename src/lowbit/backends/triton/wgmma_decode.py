@@ -17,11 +17,11 @@ bound by instruction issue (benchmarks/NOTES.md, v12). Here the layouts are stat
 The arithmetic is the Triton kernel's: the same decoded values (the same exact steps, one rounding where it has
 one), the same k16 wgmmas over the same canonical K order (reduction.py: block by block, slot-major inside a block,
 split partials folded in split order, by the tile's last program or in one program's loop), so the bits are the
-same (tested against LOWBIT_QMM_GLUON=0). Serves (see `serves`): 4-bit affine with bfloat16 x / scales / biases,
-transposed weights, decode tiles; by default the single-token plain products, where it is the faster of the two;
-with LOWBIT_QMM_GLUON=1 also up to 16 tokens (32-128 behind LOWBIT_GLUON_MAX_M), per-item and grouped routing (MoE
-decode and prefill) and mxfp4 and nvfp4 weights (with or without the tensor scale) with bfloat16 x. Everything else
-runs qmm.py's kernel.
+same (tested against LOWBIT_QMM_GLUON=0). Serves (see `serves`): 4-bit affine (bfloat16 scales and biases), mxfp4
+and nvfp4 (with or without the tensor scale) weights, transposed, with bfloat16 x; by default the plain products of
+up to 8 token rows (16 for nvfp4), where it is the faster of the two; with LOWBIT_QMM_GLUON=1 also up to 16 tokens
+(32-128 behind LOWBIT_GLUON_MAX_M) and per-item and grouped routing (MoE decode and prefill). Everything else runs
+qmm.py's kernel.
 """
 
 from __future__ import annotations
@@ -42,23 +42,26 @@ except ImportError:  # pragma: no cover - an older Triton: the Triton kernel ser
     gluon = None
 
 
+# The plain products this kernel serves by default: up to this many token rows per format, where it was measured
+# faster than the Triton kernel (H100, benchmarks/NOTES.md v17: Llama-3-8B shapes, 8-token tiles up to 8 rows).
+DEFAULT_MAX_ROWS = {"affine": 8, "mxfp4": 8, "nvfp4": 16}
+
+
 def serves(mode: str, bits: int, transpose: bool, x_dtype, weight_dtype, dot_dtype, packed: bool, tile: tuple,
            routing: int, rows: int, device_capability) -> bool:
     """Whether this kernel serves a call the qmm plan describes (tile: BLOCK_M, BLOCK_N, num_warps; routing: qmm's
-    PLAIN 0, PER_ITEM 1 or GROUPED 2; rows: token rows per weight). By default it serves the single-token plain
-    products of 4-bit affine weights, where it was measured faster than the Triton kernel (H100, benchmarks/NOTES.md
-    v15: 3-24% at group sizes 32, 64 and 128 on the Llama-3-8B shapes, one case level) -- at 4 and 16 rows it was
-    not.
-    LOWBIT_QMM_GLUON=1 serves every tile it admits, mxfp4 and nvfp4 included (not yet measured), and 0 none.
-    Either kernel gives the same bits, so the choice never changes a result."""
+    PLAIN 0, PER_ITEM 1 or GROUPED 2; rows: token rows per weight). By default it serves the plain products of
+    4-bit affine, mxfp4 and nvfp4 weights of up to DEFAULT_MAX_ROWS rows; at 16 rows of affine and mxfp4 it was not
+    faster. LOWBIT_QMM_GLUON=1 serves every tile it admits (routed products and, with LOWBIT_GLUON_MAX_M, the MoE
+    prefill's wide tiles), and 0 none. Either kernel gives the same bits, so the choice never changes a result."""
     choice = os.environ.get("LOWBIT_QMM_GLUON")
     if gluon is None or choice == "0":
         return False
-    affine4 = mode == "affine" and bits == 4 and weight_dtype == torch.bfloat16
-    if choice != "1" and not (affine4 and rows == 1 and routing == 0 and _COMPILED_WITH_THIS_TRITON):
+    if choice != "1" and not (routing == 0 and rows <= DEFAULT_MAX_ROWS.get(mode, 0) and _COMPILED_WITH_THIS_TRITON):
         return False
     block_m, block_n, warps = tile
     max_m = int(os.environ.get("LOWBIT_GLUON_MAX_M", "16"))  # a knob: token tiles up to 128 are supported
+    affine4 = mode == "affine" and bits == 4 and weight_dtype == torch.bfloat16
     fp4 = mode in ("mxfp4", "nvfp4") and bits == 4
     return ((affine4 or fp4) and transpose and packed and block_m in (8, 16, 32, 64, 128) and block_m <= max_m
             and (block_n, warps) in ((64, 4), (128, 8)) and routing in (0, 1, 2)
@@ -78,10 +81,10 @@ _COMPILED_WITH_THIS_TRITON = (3, 6) <= _triton_version() <= (3, 9)
 
 
 def token_tile(block_m: int, rows: int) -> int:
-    """The token tile (BLOCK_M) this kernel runs for the plan's `block_m`: 8 for up to 8 rows where
-    LOWBIT_GLUON_BLOCK_M=8 (a tuning knob: wgmmas of N = 8, half the x staged and half the accumulator), else the
-    plan's."""
-    narrow = os.environ.get("LOWBIT_GLUON_BLOCK_M") == "8"
+    """The token tile (BLOCK_M) this kernel runs for the plan's `block_m`: 8 for up to 8 rows (wgmmas of N = 8, half
+    the x staged and half the accumulator: measured faster at 1 and 4 rows, NOTES v17) unless
+    LOWBIT_GLUON_BLOCK_M=16, else the plan's."""
+    narrow = os.environ.get("LOWBIT_GLUON_BLOCK_M", "8") == "8"
     return 8 if narrow and rows <= 8 and block_m == 16 else block_m
 
 
