@@ -5,7 +5,8 @@
 #   2. the bits of those tiles against the Triton kernel's (GPU tests);
 #   3. decode A/B at M = 1 / 4 / 16: the Triton kernel alone against the defaults (the Gluon kernel up to 8 rows,
 #      16 for nvfp4, in 8-token tiles), bit for bit;
-#   4. the rest of the Gluon kernel's GPU tests, slowest last.
+#   4. host overhead at decode (eager: fp4 is one launch at M = 1 now);
+#   5. the rest of the Gluon kernel's GPU tests.
 # Usage (GPU machine, repo root): bash benchmarks/gluon_ab.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export OUT=${OUT:-/tmp/lowbit-out}; mkdir -p "$OUT"
@@ -31,6 +32,8 @@ run triton LOWBIT_QMM_GLUON=0
 run default LOWBIT_BACKEND=triton
 python3 benchmarks/decode_ab.py --compare triton default
 rm -f "$OUT"/triton.pt "$OUT"/default.pt
+elapsed
+timeout 60 python3 benchmarks/overhead_bench.py --eager 2>&1 | tail -20
 elapsed
 timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=8 "$T" -k "not (grouped_routing and (knobs3 or knobs4))" \
   2>&1 | tail -14
