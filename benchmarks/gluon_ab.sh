@@ -21,7 +21,7 @@ for v in "LOWBIT_QMM_GLUON=0" "$G" "$G $T"; do
 done
 elapsed
 T="tests/test_wgmma_decode.py"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider --durations=5 "$T" -k "grouped_routing and (knobs3 or knobs4)" \
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider --durations=5 "$T" -k "grouped_routing and (knobs3 or knobs4)" \
   2>&1 | tail -12
 elapsed
 run() {  # tag, then environment assignments
@@ -35,6 +35,6 @@ rm -f "$OUT"/triton.pt "$OUT"/default.pt
 elapsed
 timeout 60 python3 benchmarks/overhead_bench.py --eager 2>&1 | tail -20
 elapsed
-timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=8 "$T" -k "not (grouped_routing and (knobs3 or knobs4))" \
+timeout 120 python3 -m pytest -q -p no:cacheprovider --durations=8 "$T" -k "not (grouped_routing and (knobs3 or knobs4))" \
   2>&1 | tail -14
 elapsed
