@@ -2,9 +2,9 @@
 # One GPU call, most important first (so a call cut short still answers the first questions):
 #   1. MoE prefill (4096 tokens): the Triton kernel against the Gluon kernel's grouped tiles with x by cp.async and
 #      each block's decode overlapping the previous block's wgmmas (NOTES v17);
-#   2. the bits of those tiles against the Triton kernel's (GPU tests);
+#   2. the bits of those tiles and of fp4's 8-token tile against the Triton kernel's (GPU tests);
 #   3. decode A/B at M = 1 / 4 / 16: the Triton kernel alone against the defaults (the Gluon kernel up to 8 rows,
-#      16 for nvfp4, in 8-token tiles), bit for bit;
+#      16 for nvfp4) and fp4 in 8-token tiles, bit for bit;
 #   4. host overhead at decode (eager: fp4 is one launch at M = 1 now);
 #   5. the rest of the Gluon kernel's GPU tests.
 # Usage (GPU machine, repo root): bash benchmarks/gluon_ab.sh
@@ -20,8 +20,8 @@ for v in "LOWBIT_QMM_GLUON=0" "$G" "$G $T"; do
     | grep "^| qwen\|^| gpt\|rror"
 done
 elapsed
-T="tests/test_wgmma_decode.py"
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider --durations=5 "$T" -k "grouped_routing and (knobs3 or knobs4)" \
+T="tests/test_wgmma_decode.py"; FIRST="(grouped_routing and (knobs3 or knobs4)) or eight_token"
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider --durations=5 "$T" -k "$FIRST" \
   2>&1 | tail -12
 elapsed
 run() {  # tag, then environment assignments
@@ -30,11 +30,13 @@ run() {  # tag, then environment assignments
 }
 run triton LOWBIT_QMM_GLUON=0
 run default LOWBIT_BACKEND=triton
+run gluon8 LOWBIT_BACKEND=triton LOWBIT_GLUON_BLOCK_M=8  # fp4 in 8-token tiles too
 python3 benchmarks/decode_ab.py --compare triton default
-rm -f "$OUT"/triton.pt "$OUT"/default.pt
+python3 benchmarks/decode_ab.py --compare triton gluon8
+rm -f "$OUT"/triton.pt "$OUT"/default.pt "$OUT"/gluon8.pt
 elapsed
 timeout 60 python3 benchmarks/overhead_bench.py --eager 2>&1 | tail -20
 elapsed
-timeout 120 python3 -m pytest -q -p no:cacheprovider --durations=8 "$T" -k "not (grouped_routing and (knobs3 or knobs4))" \
+timeout 120 python3 -m pytest -q -p no:cacheprovider --durations=8 "$T" -k "not ($FIRST)" \
   2>&1 | tail -14
 elapsed

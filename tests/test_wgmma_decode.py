@@ -129,15 +129,17 @@ def test_default_serves_plain_products_of_a_few_rows_only(monkeypatch):
 def test_plans_on_hopper_pick_the_kernel_tile_and_x_order(monkeypatch):
     """The qmm plan of a Hopper call (made on CPU: nothing is compiled or launched): the Gluon kernel's 8-token tile
     with x reordered in the kernel for up to 8 tokens of 4-bit affine bf16 (where this Triton is one it was compiled
-    with), the Triton kernel with x copied slot-major for 9; LOWBIT_GLUON_BLOCK_M=16 keeps the 16-token tile, and
-    the tile sets the plan's row tiles, grid and arrival counters."""
+    with), the Triton kernel with x copied slot-major for 9; mxfp4 takes the 16-token tile unless
+    LOWBIT_GLUON_BLOCK_M=8; =16 keeps affine's 16-token tile too, and the tile sets the plan's row tiles, grid and
+    arrival counters."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("LOWBIT_QMM_GLUON", raising=False)
     monkeypatch.delenv("LOWBIT_GLUON_BLOCK_M", raising=False)
 
-    def plan(m):
+    def plan(m, mode="affine"):
         forget_plans()
-        return qmm._plan("affine", 64, 4, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, False,
+        gs, scales = (64, torch.bfloat16) if mode == "affine" else (32, torch.uint8)
+        return qmm._plan(mode, gs, 4, True, torch.bfloat16, scales, scales if mode == "affine" else None, False,
                          torch.bfloat16, m, 4096, 4096, 1, 1, False, (9, 0))
 
     eight, nine = plan(8), plan(9)
@@ -146,6 +148,11 @@ def test_plans_on_hopper_pick_the_kernel_tile_and_x_order(monkeypatch):
         assert eight.block_m == 8 and eight.qmm.constexprs["BLOCK_M"] == 8
         assert eight.row_tiles == 1 and eight.tiles == 4096 // 64
     assert nine.qmm.kernel is qmm.qmm_kernel and nine.x_slot_major and nine.block_m == 16
+    if wgmma_decode._COMPILED_WITH_THIS_TRITON:  # fp4: the 16-token tile unless LOWBIT_GLUON_BLOCK_M=8
+        fp4 = plan(5, "mxfp4")
+        assert fp4.qmm.kernel is wgmma_decode.packed4_decode_kernel and fp4.block_m == 16
+        monkeypatch.setenv("LOWBIT_GLUON_BLOCK_M", "8")
+        assert plan(5, "mxfp4").block_m == 8
     monkeypatch.setenv("LOWBIT_QMM_GLUON", "1")
     monkeypatch.setenv("LOWBIT_GLUON_BLOCK_M", "16")
     five, wide = plan(5), plan(16)
@@ -227,6 +234,21 @@ def test_fp4_products_equal_the_triton_kernels_bits(monkeypatch, hopper, n, k_bl
             q = (q[0], torch.where(pick, anything, moderate).to("cuda", torch.uint8), None)
         x = torch.randn(16, k, generator=gen).to("cuda", torch.bfloat16)
         _assert_same_bits_as_triton(monkeypatch, x, q, gs, mode, g, (1, 5, 16), oracle=scales == "quantized")
+
+
+@pytest.mark.parametrize("mode, gs, tensor_scale", [("mxfp4", 32, False), ("nvfp4", 16, True)])
+def test_fp4_eight_token_tile_equals_the_triton_kernels_bits(monkeypatch, hopper, mode, gs, tensor_scale, gen):
+    """mxfp4 and nvfp4 in the 8-token tile (LOWBIT_GLUON_BLOCK_M=8, not their default until this passes on a GPU):
+    the Triton kernel's bits at M = 1, 5 and 8, K whole blocks or one group short."""
+    monkeypatch.setenv("LOWBIT_GLUON_BLOCK_M", "8")
+    for k in (128 * 9, 128 * 9 - gs):
+        w = torch.randn(1000, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
+        g = w.abs().amax().float().reshape(1) if tensor_scale else None
+        q = quantize3(w, gs, 4, mode, global_scale=g)
+        x = torch.randn(8, k, generator=gen).to("cuda", torch.bfloat16)
+        plan = qmm._plan_for(x[None, :5], q[0], q[1], q[2], g, None, True, mode, gs, 4, torch.bfloat16)[0]
+        assert plan.qmm.kernel is wgmma_decode.packed4_decode_kernel and plan.block_m == 8
+        _assert_same_bits_as_triton(monkeypatch, x, q, gs, mode, g, (1, 5, 8), oracle=True)
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 7])

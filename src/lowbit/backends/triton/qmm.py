@@ -370,7 +370,7 @@ class _Plan:
         gluon = wgmma_decode.serves(mode, bits, transpose, x_dtype, weight_dtype, dot, packed,
                                     (block_m, block_n, warps), routing, m, capability)
         if gluon:
-            block_m = self.block_m = wgmma_decode.token_tile(block_m, m)
+            block_m = self.block_m = wgmma_decode.token_tile(mode, block_m, m)
         x_in_kernel = packed and block_m <= 16 and not self.prefill
         x_in_kernel = x_in_kernel and bool(int(os.environ.get("LOWBIT_QMM_X_IN_KERNEL",
                                                               int(mode != "affine" or gluon))))

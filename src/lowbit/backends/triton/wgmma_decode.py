@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - an older Triton: the Triton kernel ser
 
 
 # The plain products this kernel serves by default: up to this many token rows per format, where it was measured
-# faster than the Triton kernel (H100, benchmarks/NOTES.md v17: Llama-3-8B shapes, 8-token tiles up to 8 rows).
+# faster than the Triton kernel and bit-identical to it (H100, benchmarks/NOTES.md v17: Llama-3-8B shapes).
 DEFAULT_MAX_ROWS = {"affine": 8, "mxfp4": 8, "nvfp4": 16}
 
 
@@ -80,11 +80,12 @@ def _triton_version() -> tuple[int, int]:
 _COMPILED_WITH_THIS_TRITON = (3, 6) <= _triton_version() <= (3, 9)
 
 
-def token_tile(block_m: int, rows: int) -> int:
-    """The token tile (BLOCK_M) this kernel runs for the plan's `block_m`: 8 for up to 8 rows (wgmmas of N = 8, half
-    the x staged and half the accumulator: measured faster at 1 and 4 rows, NOTES v17) unless
-    LOWBIT_GLUON_BLOCK_M=16, else the plan's."""
-    narrow = os.environ.get("LOWBIT_GLUON_BLOCK_M", "8") == "8"
+def token_tile(mode: str, block_m: int, rows: int) -> int:
+    """The token tile (BLOCK_M) this kernel runs for the plan's `block_m`: 8 for up to 8 rows of affine weights
+    (wgmmas of N = 8, half the x staged and half the accumulator: measured faster at 1 and 4 rows and bit-identical,
+    NOTES v17), else the plan's. LOWBIT_GLUON_BLOCK_M=8 gives mxfp4 and nvfp4 the 8-token tile too (mxfp4 measured
+    faster; their bits in that tile not yet checked on a GPU), =16 gives no call the 8-token tile."""
+    narrow = os.environ.get("LOWBIT_GLUON_BLOCK_M", "8" if mode == "affine" else "16") == "8"
     return 8 if narrow and rows <= 8 and block_m == 16 else block_m
 
 
