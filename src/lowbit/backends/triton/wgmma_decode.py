@@ -93,8 +93,8 @@ def constexprs(x_slot_major: bool, block_m: int) -> dict:
     """The kernel's compile-time parameters beyond qmm_kernel's. Tuning knobs: LOWBIT_GLUON_PREFETCH (0 or 1: the
     blocks whose loads are in flight in registers ahead of the one being decoded; two ahead measured slower, NOTES
     v17), LOWBIT_GLUON_X_AHEAD_M (the widest token tile whose x is loaded ahead too; 16), LOWBIT_GLUON_X_ASYNC=1
-    (token tiles above 16 rows with x copied slot-major: x by cp.async into two shared buffers, decode overlapping
-    the previous block's wgmmas)."""
+    (token tiles above 16 rows with x copied slot-major: x by cp.async into two shared buffers, each split's blocks in
+    a two-block loop)."""
     return {"PREFETCH": int(os.environ.get("LOWBIT_GLUON_PREFETCH", "1")),
             "X_AHEAD_M": int(os.environ.get("LOWBIT_GLUON_X_AHEAD_M", "16")),
             "X_ASYNC": x_slot_major and block_m > 16 and os.environ.get("LOWBIT_GLUON_X_ASYNC") == "1"}
@@ -340,24 +340,6 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     @gluon.jit
-    def _decode_block(words, scale, bias, MODE: gl.constexpr, a_layout: gl.constexpr):
-        """A K block's eight A operands (code slots 0 .. 7), decoded ahead of their wgmmas (_issue_block)."""
-        even, odd, scale2, neg2, bias2 = _block_codes(words, scale, bias, MODE)
-        p0, p1 = _slot_planes(even, odd, scale2, neg2, bias2, 0, MODE, a_layout)
-        p2, p3 = _slot_planes(even, odd, scale2, neg2, bias2, 1, MODE, a_layout)
-        p4, p5 = _slot_planes(even, odd, scale2, neg2, bias2, 2, MODE, a_layout)
-        p6, p7 = _slot_planes(even, odd, scale2, neg2, bias2, 3, MODE, a_layout)
-        return p0, p1, p2, p3, p4, p5, p6, p7
-
-    @gluon.jit
-    def _issue_block(acc, planes, x_buf, PACKS: gl.constexpr):
-        """acc += one K block's products, as _dot_block's (same wgmmas, same order), from operands _decode_block
-        made; returns with the wgmmas in flight (warpgroup_mma_wait ends them)."""
-        for j in gl.static_range(8):
-            acc = warpgroup_mma(planes[j], x_buf.slice(j * PACKS, PACKS, dim=1).permute((1, 0)), acc, is_async=True)
-        return acc
-
-    @gluon.jit
     def _tile_rows(row_tile, local, M, n_rows, n_weights, lhs_ptr, rhs_ptr, rows_ptr, tile_w_ptr, tile_start_ptr,
                    tile_rows_ptr, sx_b, sx_m, so_i, so_m, ROUTING: gl.constexpr, BLOCK_M: gl.constexpr):
         """A row tile's rows as qmm_kernel finds them (see its ROUTING), for the local row numbers `local` (in the
@@ -432,46 +414,34 @@ if gluon is not None:
     @gluon.jit
     def _k_range_x_async(src, lo, hi, x_bufs, MODE: gl.constexpr, GS: gl.constexpr, PACKS: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr):
-        """_k_range for wide token tiles with x copied slot-major (LOWBIT_GLUON_X_ASYNC), pipelined so the tensor
-        cores and the decode overlap: block kb's A operands are decoded while block kb - 1's wgmmas run. Block kb's
-        x lands by cp.async in buffer (kb - lo) % 2 while block kb - 1 runs; its words, scales and biases are
-        loaded one block ahead in registers. The wgmmas are those of _dot_block, in the same order."""
+        """_k_range for wide token tiles with x copied slot-major (LOWBIT_GLUON_X_ASYNC): each block's x lands in
+        one of two shared buffers by cp.async while the block before it is decoded and multiplied; words, scales and
+        biases are loaded one block ahead in registers (two blocks a step, no register copies)."""
         w_ptrs, s_ptrs, b_ptrs, x_ptrs, K, groups, packs2d, m_ok, sw_c, ss_c, sb_c, sx_k = src
         BLOCK_K: gl.constexpr = PACKS * 8
         whole = gl.maximum(lo, gl.minimum(hi, K // BLOCK_K))
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
         if lo < whole:
-            last = whole - 1  # (blocks past the range are clamped to it: loaded or copied again, unused)
             _barrier()  # every warp is past the previous split's wgmmas (its last block may have read buffer 0)
             _copy_x(x_bufs.index(0), x_ptrs, lo, m_ok, PACKS)
-            w, s, b = _load_weights(w_ptrs, s_ptrs, b_ptrs, lo, K, groups, packs2d, sw_c, ss_c, sb_c, GS, PACKS, False)
-            planes = _decode_block(w, s, b, MODE, a_layout)
-            w, s, b = _load_weights(w_ptrs, s_ptrs, b_ptrs, gl.minimum(lo + 1, last), K, groups, packs2d, sw_c, ss_c,
-                                    sb_c, GS, PACKS, False)
-            _x_landed(x_bufs, x_ptrs, gl.minimum(lo + 1, last), m_ok, PACKS, 1)
-            acc = _issue_block(acc, planes, x_bufs.index(0), PACKS)
-            for pair in range(0, (whole - lo - 1) // 2):  # blocks kb (buffer 1) and kb + 1 (buffer 0)
-                kb = lo + 1 + 2 * pair
-                planes = _decode_block(w, s, b, MODE, a_layout)  # (block kb - 1's wgmmas run meanwhile)
-                w, s, b = _load_weights(w_ptrs, s_ptrs, b_ptrs, gl.minimum(kb + 1, last), K, groups, packs2d, sw_c,
-                                        ss_c, sb_c, GS, PACKS, False)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # block kb - 1 done: buffer 0 free
-                _x_landed(x_bufs, x_ptrs, gl.minimum(kb + 1, last), m_ok, PACKS, 0)
-                acc = _issue_block(acc, planes, x_bufs.index(1), PACKS)
-                planes = _decode_block(w, s, b, MODE, a_layout)
-                w, s, b = _load_weights(w_ptrs, s_ptrs, b_ptrs, gl.minimum(kb + 2, last), K, groups, packs2d, sw_c,
-                                        ss_c, sb_c, GS, PACKS, False)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # block kb done: buffer 1 free
-                _x_landed(x_bufs, x_ptrs, gl.minimum(kb + 2, last), m_ok, PACKS, 1)
-                acc = _issue_block(acc, planes, x_bufs.index(0), PACKS)
-            if (whole - lo - 1) % 2 == 1:  # the range's last block: buffer 1, its copy issued by the last step
-                planes = _decode_block(w, s, b, MODE, a_layout)
-                async_copy.wait_group(0)
+            w_a, s_a, b_a = _load_weights(w_ptrs, s_ptrs, b_ptrs, lo, K, groups, packs2d, sw_c, ss_c, sb_c, GS, PACKS,
+                                          False)
+            for pair in range(0, (whole - lo) // 2):
+                kb = lo + 2 * pair
+                w_b, s_b, b_b = _load_weights(w_ptrs, s_ptrs, b_ptrs, kb + 1, K, groups, packs2d, sw_c, ss_c, sb_c,
+                                              GS, PACKS, False)
+                _x_landed(x_bufs, x_ptrs, kb + 1, m_ok, PACKS, 1)
+                acc = _dot_block(acc, w_a, s_a, b_a, x_bufs.index(0), MODE, PACKS, a_layout)
+                ahead = gl.minimum(kb + 2, whole - 1)  # (past the range: its last block again, unused)
+                w_a, s_a, b_a = _load_weights(w_ptrs, s_ptrs, b_ptrs, ahead, K, groups, packs2d, sw_c, ss_c, sb_c,
+                                              GS, PACKS, False)
+                _x_landed(x_bufs, x_ptrs, ahead, m_ok, PACKS, 0)
+                acc = _dot_block(acc, w_b, s_b, b_b, x_bufs.index(1), MODE, PACKS, a_layout)
+            async_copy.wait_group(0)
+            if (whole - lo) % 2 == 1:  # the range's last whole block: its words and x (buffer 0) loaded last
                 fence_async_shared()
                 _barrier()
-                acc = _issue_block(acc, planes, x_bufs.index(1), PACKS)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            async_copy.wait_group(0)  # (no copy stays in flight into a buffer the next split reuses)
+                acc = _dot_block(acc, w_a, s_a, b_a, x_bufs.index(0), MODE, PACKS, a_layout)
         return acc
 
     @gluon.jit
