@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call, most important first (so a call cut short still answers the first questions):
-#   1. MoE prefill (4096 tokens): the Triton kernel against the Gluon kernel's grouped tiles with x by cp.async and
-#      each block's decode overlapping the previous block's wgmmas (NOTES v17);
-#   2. the bits of those tiles and of fp4's 8-token tile against the Triton kernel's (GPU tests);
+#   1. what bounds the MoE prefill tile (NOTES v17): its kernels' times, then ncu's warp stall reasons for the
+#      Triton kernel's and the Gluon kernel's grouped 128 x 128 tile (memory latency, wgmmas or barriers?);
+#   2. the bits of the Gluon grouped tiles and of fp4's 8-token tile against the Triton kernel's (GPU tests);
 #   3. decode A/B at M = 1 / 4 / 16: the Triton kernel alone against the defaults (the Gluon kernel up to 8 rows,
 #      16 for nvfp4) and fp4 in 8-token tiles, bit for bit;
 #   4. host overhead at decode (eager: fp4 is one launch at M = 1 now);
@@ -13,11 +13,14 @@ export OUT=${OUT:-/tmp/lowbit-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 T0=$(date +%s); elapsed() { echo "[$(( $(date +%s) - T0 )) s]"; }
-G="LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_MAX_M=128 LOWBIT_GLUON_X_ASYNC=1"; T="LOWBIT_QMM_TILE=64,128,8,3 LOWBIT_QMM_SPLIT_IN_GRID=0"
-for v in "LOWBIT_QMM_GLUON=0" "$G" "$G $T"; do
-  echo "--- MoE prefill: $v"
-  env $v TOKENS=4096 FORMATS="affine4g64 mxfp4" timeout 60 python3 benchmarks/moe_bench.py 2>&1 \
-    | grep "^| qwen\|^| gpt\|rror"
+NCU=/usr/local/cuda/bin/ncu; [ -x "$NCU" ] || NCU=ncu
+STALLS="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+for v in "LOWBIT_QMM_GLUON=0" "LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_MAX_M=128 LOWBIT_GLUON_X_ASYNC=1"; do
+  echo "--- MoE prefill tile: $v"
+  env $v timeout 60 python3 benchmarks/ncu_moe_prefill.py 2>&1 | tail -2
+  env $v timeout 120 "$NCU" --nvtx --nvtx-include profiled/ -k "regex:qmm_kernel|packed4" --section SpeedOfLight \
+    --section Occupancy --metrics "$STALLS" python3 benchmarks/ncu_moe_prefill.py 2>&1 \
+    | grep -E "Duration|Throughput|Registers|Achieved Occupancy|stalled" | awk '$NF+0 > 0.05 || !/stalled/' | head -40
 done
 elapsed
 T="tests/test_wgmma_decode.py"; FIRST="(grouped_routing and (knobs3 or knobs4)) or eight_token"

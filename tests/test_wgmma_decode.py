@@ -274,18 +274,20 @@ def test_routed_decode_equals_the_triton_kernels_bits(monkeypatch, hopper, token
     (256, {"LOWBIT_GLUON_MAX_M": "128", "LOWBIT_GLUON_X_ASYNC": "1", "LOWBIT_QMM_TILE": "64,128,8,3",
            "LOWBIT_QMM_SPLIT_IN_GRID": "0"}),  # 64-row tiles of 128 weight rows, splits in the loop
 ])
-@pytest.mark.parametrize("k_blocks", [16, 23])
+@pytest.mark.parametrize("k_blocks, partial", [(16, True), (23, True), (64, False)])
 @pytest.mark.parametrize("mode, gs", [("affine", 64), ("mxfp4", 32), ("nvfp4", 16)])
-def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tokens, knobs, k_blocks, mode, gs, gen):
+def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tokens, knobs, k_blocks, partial, mode, gs,
+                                                        gen):
     """gather_qmm with many routed rows (grouped routing: rows sorted by expert, MoE prefill) and two rows per item
     (x (tokens, 2, K): item and row strides differ): the Gluon kernel's row tiles from the schedule -- each tile one
     expert's rows, tiles past the schedule with no rows -- give the Triton kernel's bits. K of 16 or 23 whole blocks
     plus one group (the masked last block) over 8 splits of 3 blocks (a two-block step and an odd block): the last
-    split holding 1 or 2 whole blocks before the partial one, empty splits after it; nvfp4 with one tensor scale per
+    split holding 1 or 2 whole blocks before the partial one, empty splits after it; or of 64 whole blocks (none
+    masked) over 16 splits of 4 (two two-block steps: the loops' back edges); nvfp4 with one tensor scale per
     expert."""
     for knob, value in knobs.items():
         monkeypatch.setenv(knob, value)
-    experts, top_k, n, k = 16, 4, 200, 128 * k_blocks + gs
+    experts, top_k, n, k = 16, 4, 200, 128 * k_blocks + (gs if partial else 0)
     w = torch.randn(experts, n, k, generator=gen).mul(k**-0.5).to("cuda", torch.bfloat16)
     g = w.abs().amax(dim=(1, 2)).float() if mode == "nvfp4" else None
     q = quantize3(w, gs, 4, mode, global_scale=g)
@@ -300,7 +302,7 @@ def test_grouped_routing_equals_the_triton_kernels_bits(monkeypatch, hopper, tok
     plan = qmm._plan_for(x.reshape(tokens, 2, k), q[0], q[1], q[2], g, idx.reshape(-1), True, mode, gs, 4,
                          torch.bfloat16)[0]
     assert plan.routing == qmm.GROUPED and plan.qmm.kernel is wgmma_decode.packed4_decode_kernel
-    assert plan.split_in_grid == (tokens == 32) and plan.splits == 8
+    assert plan.split_in_grid == (tokens == 32) and plan.splits == (16 if k_blocks == 64 else 8)
     assert same_bits(gluon, triton)
     w_hat = dequantize_f64(q, gs, 4, mode, g).to("cuda")
     ref = torch.einsum("tmk,tenk->temn", x[:, 0].double(), w_hat[idx])
