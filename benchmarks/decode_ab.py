@@ -10,8 +10,8 @@ FORMATS="affine4g64 mxfp4" limits the formats.
 """
 
 import os
-import zlib
 import sys
+import zlib
 
 import torch
 

@@ -19,7 +19,7 @@ for v in "LOWBIT_QMM_GLUON=0" "LOWBIT_QMM_GLUON=1 LOWBIT_GLUON_MAX_M=128 LOWBIT_
   echo "--- MoE prefill tile: $v"
   env $v timeout 60 python3 benchmarks/ncu_moe_prefill.py 2>&1 | tail -2
   env $v timeout 120 "$NCU" --nvtx --nvtx-include profiled/ -k "regex:qmm_kernel|packed4" --section SpeedOfLight \
-    --section Occupancy --metrics "$STALLS" python3 benchmarks/ncu_moe_prefill.py 2>&1 \
+    --section Occupancy --metrics "$STALLS" python3 benchmarks/ncu_moe_prefill.py --ncu 2>&1 \
     | grep -E "Duration|Throughput|Registers|Achieved Occupancy|stalled" | awk '$NF+0 > 0.05 || !/stalled/' | head -40
 done
 elapsed

@@ -8,11 +8,13 @@ or the barriers bound it, before a deeper-pipelined tile is written.
 Usage (GPU machine, repo root; FORMAT=mxfp4 for mxfp4, LOWBIT_* knobs as usual):
   PYTHONPATH=src python benchmarks/ncu_moe_prefill.py          # the kernels and their times
   PYTHONPATH=src ncu --nvtx --nvtx-include profiled/ --section WarpStateStats --section SchedulerStats \
-      --section MemoryWorkloadAnalysis python benchmarks/ncu_moe_prefill.py
+      --section MemoryWorkloadAnalysis python benchmarks/ncu_moe_prefill.py --ncu
 """
 import os
+import sys
 
 import torch
+from moe_bench import kernels_of  # (benchmarks/, the script's directory)
 
 import lowbit
 
@@ -30,15 +32,12 @@ def call():
     return lowbit.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=gs, bits=4, mode=mode)
 
 
-for _ in range(3):
-    call()
-torch.cuda.synchronize()
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-    call()
-    torch.cuda.synchronize()
-events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-print(f"{mode}: {len(events)} GPU ops: " + ", ".join(f"{e.name[:40]} {e.device_time:.1f}us" for e in events),
-      flush=True)
+if "--ncu" in sys.argv:  # under ncu: warm up only (torch.profiler and ncu both want CUPTI)
+    for _ in range(3):
+        call()
+else:
+    print(f"{mode}:", flush=True)
+    kernels_of(call)
 torch.cuda.nvtx.range_push("profiled")
 call()
 torch.cuda.synchronize()

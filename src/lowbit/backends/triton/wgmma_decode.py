@@ -295,9 +295,10 @@ if gluon is not None:
         return _dot_block(acc, words, scale, bias, x_smem, MODE, PACKS, a_layout)
 
     @gluon.jit
-    def _block_codes(words, scale, bias, MODE: gl.constexpr):
-        """A K block's words split into even and odd pack columns, and its scales (and affine's -128 * scale and
-        biases) as bf16x2 words in the pair layout: what _slot_planes decodes."""
+    def _dot_block(acc, words, scale, bias, x_smem, MODE: gl.constexpr, PACKS: gl.constexpr,
+                   a_layout: gl.constexpr):
+        """acc += one K block's products, in the canonical order: the words decoded slot by slot into register A
+        operands, one k16 wgmma per code slot against x's slot in shared memory."""
         words = words.to(gl.uint32, bitcast=True)
         even, odd = _pairs(words)
         pairs: gl.constexpr = even.type.layout
@@ -323,14 +324,6 @@ if gluon is not None:
             scale2 = _per_pair(scale2, pairs)
             neg2 = scale2
             bias2 = scale2
-        return even, odd, scale2, neg2, bias2
-
-    @gluon.jit
-    def _dot_block(acc, words, scale, bias, x_smem, MODE: gl.constexpr, PACKS: gl.constexpr,
-                   a_layout: gl.constexpr):
-        """acc += one K block's products, in the canonical order: the words decoded slot by slot into register A
-        operands, one k16 wgmma per code slot against x's slot in shared memory."""
-        even, odd, scale2, neg2, bias2 = _block_codes(words, scale, bias, MODE)
         for j in gl.static_range(4):
             slot0, slot1 = _slot_planes(even, odd, scale2, neg2, bias2, j, MODE, a_layout)
             acc = warpgroup_mma(slot0, x_smem.slice(2 * j * PACKS, PACKS, dim=1).permute((1, 0)), acc,
